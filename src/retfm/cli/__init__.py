@@ -1,0 +1,1 @@
+"""The ``retfm`` command line: thin typer commands that parse options and call the library."""

@@ -1,0 +1,52 @@
+"""``retfm``: the one console script. Errors a user can fix are printed as one line, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from retfm import __version__
+from retfm.cli import data
+from retfm.cli.common import console
+from retfm.errors import RetfmError
+
+app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrain, federate, adapt, evaluate, serve.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(data.app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"retfm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """retfm: build, share, adapt and evaluate retinal foundation models."""
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except RetfmError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors carry their own formatting and exit code
+        from click.exceptions import ClickException
+
+        if isinstance(exc, ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Configs are data: pydantic models, filled from defaults < YAML file < command-line options < ``--set k=v``.
+
+The resolved config is saved next to every output so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from retfm.errors import RetfmError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class IngestConfig(BaseModel):
+    """Options of ``retfm data ingest`` (see ``retfm data ingest --help``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["auto", "imagefolder", "csv", "retinamnist", "dicom"] = "auto"
+    size: int = Field(512, ge=8, le=8192, description="side of the stored square image (never upscaled)")
+    site: str = Field("site1", min_length=1, description="site name for sources without a site column")
+    split: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train,val,test fractions")
+    seed: int = 0
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    deid_key_file: Path | None = None
+    image_format: Literal["png", "jpg"] = "png"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    margin: float = Field(0.02, ge=0, le=0.5, description="border kept around the field of view, as a fraction")
+    clahe: bool = False
+    max_pixels: int = Field(64_000_000, ge=1)
+    modality: Literal["CFP", "UWF", "OCT", "FA"] | None = None
+    label_column: str = Field("label", description="column for image-folder class names")
+    stratify: str | None = Field(None, description="label column to stratify new splits by "
+                                                   "(default: the source's only label column)")
+    path_column: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict, description="CSV column renames, source -> manifest")
+    image_root: Path | None = None
+    extension: str | None = None
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _parse_split(cls, value):
+        if isinstance(value, str):
+            try:
+                value = tuple(float(v) for v in value.split(","))
+            except ValueError:
+                raise ValueError("split must be three numbers like 0.7,0.1,0.2") from None
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value):
+        if any(v < 0 for v in value) or abs(sum(value) - 1) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {value}")
+        return value
+
+
+def parse_set(assignment: str) -> tuple[list[str], object]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists work)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RetfmError(f"--set {assignment!r}: expected key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(model: type[ConfigT], path: Path | None = None, options: dict | None = None,
+                sets: list[str] | None = None) -> ConfigT:
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise RetfmError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise RetfmError(f"{path}: a config must be a mapping of option: value")
+    data.update({k: v for k, v in (options or {}).items() if v is not None})
+    for assignment in sets or []:
+        keys, value = parse_set(assignment)
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        origin = f"{path}: " if path else ""
+        raise RetfmError(f"{origin}option {where}: {first['msg']} ({len(exc.errors())} problem(s))") from None
+
+
+def save_config(config: BaseModel, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path

@@ -1,0 +1,107 @@
+"""A torch Dataset over a Manifest, with the model's preprocessing passed in.
+
+Evaluation transforms are deterministic. Training augmentations are seedable: each item's randomness comes from
+(seed, epoch, index), so a run gives the same augmented images whatever the number of loader workers, and a
+resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from retfm.data.manifest import GROUP_COLUMNS, Manifest
+from retfm.errors import RetfmError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects; it travels with the model (the registry fills it), never guessed by the user."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.Resize((pre.size, pre.size), antialias=True),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+
+
+def train_transform(pre: Preprocessing) -> v2.Compose:
+    """Fundus-suitable augmentation: mild crops and rotations (the field of view is round), flips, and small
+    colour changes within what cameras differ by. No strong colour or hue shifts: colour carries disease signs."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(pre.size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(15),
+        v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(pre.mean, pre.std),
+    ])
+
+
+class ManifestDataset(Dataset):
+    """Yields ``{"image": float tensor 3xHxW, "label": ..., "image_id": str, <group columns>: ...}``.
+
+    ``label``: a label column (rows where it is null are dropped); ``split``: keep one split; ``seed``: makes
+    ``transform`` reproducible per (seed, epoch, index) — call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(self, manifest: Manifest, transform=None, label: str | None = None, split: str | None = None,
+                 group_columns: Sequence[str] = GROUP_COLUMNS, seed: int | None = None):
+        source = manifest.split(split) if split else manifest
+        table = source.table
+        if label is not None:
+            if label not in table:
+                raise RetfmError(f"{manifest.root}: label column {label!r} not in the manifest "
+                                 f"(labels: {', '.join(manifest.label_columns) or 'none'})")
+            table = table[table[label].notna()].reset_index(drop=True)
+        self.table = table
+        self.root = manifest.root
+        self.transform = transform
+        self.label = label
+        self.group_columns = [c for c in group_columns if c in table]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.table.iloc[index]
+        path = self.root / str(row["path"])
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except OSError as exc:
+            raise RetfmError(f"{path}: cannot read image ({exc})") from None
+        if self.transform is not None:
+            if self.seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+                    image = self.transform(image)
+        item = {"image": image, "image_id": str(row["image_id"])}
+        if self.label is not None:
+            value = row[self.label]
+            item["label"] = value.item() if hasattr(value, "item") else value
+        for column in self.group_columns:  # batches cannot hold None: unknown is NaN (age) or "unknown"
+            value = row[column]
+            item[column] = (float("nan") if column == "age" else "unknown") if pd.isna(value) else value
+        return item

@@ -1,0 +1,44 @@
+"""Patient-level train/val/test splits: a patient's images never cross splits; stratified by a label when one is
+given; deterministic for a seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from retfm.data.manifest import SPLITS
+
+
+def assign_splits(groups: pd.Series, fractions: tuple[float, float, float], seed: int,
+                  labels: pd.Series | None = None, fixed: dict[str, str] | None = None) -> pd.Series:
+    """Split rows by group (patient). ``groups``: one key per row; ``labels``: optional stratification label per
+    row; ``fixed``: groups whose split is already decided (e.g. by an earlier ingest). Returns a split per row.
+
+    Within each label stratum, groups are shuffled (seeded) and each goes to the split whose image count lags its
+    target most, so image proportions track ``fractions`` even when patients have different numbers of images.
+    """
+    fixed = dict(fixed or {})
+    frame = pd.DataFrame({"group": groups.astype(str).to_numpy(),
+                          "label": (labels.astype(str).to_numpy() if labels is not None else "")})
+    # A patient's stratum is their most common label (ties broken by value, for determinism).
+    strata = frame.groupby("group")["label"].agg(lambda v: sorted(v.value_counts().items(),
+                                                                  key=lambda kv: (-kv[1], kv[0]))[0][0])
+    sizes = frame.groupby("group").size()
+    target = np.asarray(fractions, dtype=float)
+    decided = dict(fixed)
+    rng = np.random.default_rng(seed)
+    for stratum in sorted(strata.unique()):
+        members = sorted(strata.index[strata == stratum])
+        counts = np.zeros(len(SPLITS))
+        for group in members:
+            if group in fixed and fixed[group] in SPLITS:
+                counts[SPLITS.index(fixed[group])] += sizes[group]
+        pending = [g for g in members if g not in decided]
+        for index in rng.permutation(len(pending)):
+            group = pending[index]
+            total = counts.sum() + sizes[group]
+            deficit = target * total - counts
+            choice = int(np.argmax(np.where(target > 0, deficit, -np.inf)))
+            decided[group] = SPLITS[choice]
+            counts[choice] += sizes[group]
+    return pd.Series([decided[g] for g in frame["group"]], index=groups.index, dtype="string")

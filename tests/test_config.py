@@ -1,0 +1,33 @@
+import pytest
+
+from retfm.config import IngestConfig, load_config, save_config
+from retfm.errors import RetfmError
+
+
+def test_precedence_defaults_yaml_options_sets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("size: 128\nsite: yaml-site\nseed: 3\ncolumns: {level: dr_grade}\n")
+    config = load_config(IngestConfig, path, {"site": "cli-site", "seed": None}, ["seed=9", "split=0.8,0.1,0.1"])
+    assert (config.size, config.site, config.seed) == (128, "cli-site", 9)
+    assert config.split == (0.8, 0.1, 0.1) and config.columns == {"level": "dr_grade"}
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(IngestConfig, tmp_path / "resolved.yaml") == config
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["split=0.5,0.1,0.1"], "option split: .*sum to 1"),
+    (["size=huge"], "option size"),
+    (["colour=red"], "option colour: Extra inputs are not permitted"),
+    (["novalue"], "expected key=value"),
+])
+def test_bad_values_give_one_line(sets, message):
+    with pytest.raises(RetfmError, match=message) as info:
+        load_config(IngestConfig, None, {}, sets)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("size: [1, 2\n")
+    with pytest.raises(RetfmError, match="bad.yaml: cannot read config"):
+        load_config(IngestConfig, path)
