@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -111,6 +112,7 @@ def ingest(src: str | Path, out: str | Path, config: IngestConfig,
 
     table = pd.DataFrame(rows)
     table = _normalise_conventional(table, report)
+    table = _numeric_labels(table, listing.label_columns)
     if pseudonyms.keyed:
         if "patient_id" in table:
             table["patient_id"] = [None if pd.isna(p) else pseudonyms.patient_id(s, str(p))
@@ -119,10 +121,10 @@ def ingest(src: str | Path, out: str | Path, config: IngestConfig,
         table, deid = deidentify_columns(table, protected)
         _write_json(out / DEID_REPORT_FILENAME, deid_report(deid, dicom=bool(conversions.get("dicom"))))
     else:
-        flagged = sorted(c for c in table.columns if c not in ("image_id", "patient_id") and column_kind(c))
-        if flagged:
-            report["warnings"].append(f"columns that look identifying were kept because no --deid-key-file was "
-                                      f"given: {', '.join(flagged)}")
+        owned = set(REQUIRED_COLUMNS) | set(IMAGE_INFO_COLUMNS)
+        flagged = ["source (original file names)"] + (["patient_id"] if "patient_id" in table else [])
+        flagged += sorted(c for c in table.columns if c not in owned and c != "patient_id" and column_kind(c))
+        report["warnings"].append(f"no --deid-key-file: kept as given: {', '.join(flagged)}")
 
     existing = _read_existing(out)
     fixed = {}
@@ -158,7 +160,10 @@ def _run(tasks: list[_Task], items: list[SourceItem], workers: int, progress) ->
         mapped = map(_process, (tasks[i] for i in pending))
         executor = None
     else:
-        executor = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker)
+        # Not fork: the parent may hold threads (OpenCV, torch) whose locks a forked child would inherit held.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
         chunk = max(1, min(16, len(pending) // (workers * 8)))
         mapped = executor.map(_process, (tasks[i] for i in pending), chunksize=chunk)
     try:
@@ -250,6 +255,20 @@ def _dicom_date(value: str) -> date:
     return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
 
 
+def _numeric_labels(table: pd.DataFrame, label_columns: list[str]) -> pd.DataFrame:
+    """A label column whose every value is a number (CSV cells arrive as text) becomes numeric: nullable
+    integers when all values are whole, floats otherwise. Any non-number keeps the column as text."""
+    for column in label_columns:
+        if column not in table or pd.api.types.is_numeric_dtype(table[column]):
+            continue
+        values = pd.to_numeric(table[column], errors="coerce")
+        if (values.isna() != table[column].isna()).any():
+            continue
+        whole = values.dropna().mod(1).eq(0).all()
+        table[column] = values.astype("Int64") if whole else values.astype("float64")
+    return table
+
+
 def _normalise_conventional(table: pd.DataFrame, report: dict) -> pd.DataFrame:
     """Map common spellings of sex, eye and modality to the manifest's codes; unknown spellings become null
     (never guessed) and are counted in the report's warnings."""
@@ -283,8 +302,11 @@ def _splits(table: pd.DataFrame, label_columns: list[str], config: IngestConfig,
     stratify = config.stratify or (candidates[0] if len(candidates) == 1 else None)
     if stratify is not None and stratify not in table:
         raise RetfmError(f"--stratify {stratify}: no such column (columns: {', '.join(table.columns)})")
-    labels = table[stratify].astype("string").fillna("<missing>") if stratify else None
-    assigned = assign_splits(groups, config.split, config.seed, labels, fixed)
+    # Every site gets its share of each split, not only the collection as a whole.
+    strata = table["site"].astype("string")
+    if stratify:
+        strata = strata + "|" + table[stratify].astype("string").fillna("<missing>")
+    assigned = assign_splits(groups, config.split, config.seed, strata, fixed)
     return given.fillna(assigned)
 
 

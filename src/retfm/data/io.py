@@ -139,7 +139,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
     from pydicom.errors import InvalidDicomError
 
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity; a failure is reported below
+            dataset = pydicom.dcmread(io.BytesIO(data))
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, EOFError, OSError) as exc:
         raise ImageRejected(UNREADABLE_DICOM, f"cannot parse DICOM ({type(exc).__name__})") from None

@@ -1,5 +1,5 @@
-"""Patient-level train/val/test splits: a patient's images never cross splits; stratified by a label when one is
-given; deterministic for a seed."""
+"""Patient-level train/val/test splits: a patient's images never cross splits; stratified (by site, label or
+both) when strata are given; deterministic for a seed."""
 
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ from retfm.data.manifest import SPLITS
 
 
 def assign_splits(groups: pd.Series, fractions: tuple[float, float, float], seed: int,
-                  labels: pd.Series | None = None, fixed: dict[str, str] | None = None) -> pd.Series:
-    """Split rows by group (patient). ``groups``: one key per row; ``labels``: optional stratification label per
-    row; ``fixed``: groups whose split is already decided (e.g. by an earlier ingest). Returns a split per row.
+                  strata: pd.Series | None = None, fixed: dict[str, str] | None = None) -> pd.Series:
+    """Split rows by group (patient). ``groups``: one key per row; ``strata``: optional stratum per row (e.g. site
+    and label); ``fixed``: groups whose split is already decided (an earlier ingest). Returns a split per row.
 
-    Within each label stratum, groups are shuffled (seeded) and each goes to the split whose image count lags its
+    Within each stratum, groups are shuffled (seeded) and each goes to the split whose image count lags its
     target most, so image proportions track ``fractions`` even when patients have different numbers of images.
     """
     fixed = dict(fixed or {})
     frame = pd.DataFrame({"group": groups.astype(str).to_numpy(),
-                          "label": (labels.astype(str).to_numpy() if labels is not None else "")})
-    # A patient's stratum is their most common label (ties broken by value, for determinism).
-    strata = frame.groupby("group")["label"].agg(lambda v: sorted(v.value_counts().items(),
-                                                                  key=lambda kv: (-kv[1], kv[0]))[0][0])
+                          "stratum": (strata.astype(str).to_numpy() if strata is not None else "")})
+    # A patient's stratum is their most common one (ties broken by value, for determinism).
+    by_group = frame.groupby("group")["stratum"].agg(
+        lambda v: sorted(v.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
     sizes = frame.groupby("group").size()
     target = np.asarray(fractions, dtype=float)
     decided = dict(fixed)
     rng = np.random.default_rng(seed)
-    for stratum in sorted(strata.unique()):
-        members = sorted(strata.index[strata == stratum])
+    for stratum in sorted(by_group.unique()):
+        members = sorted(by_group.index[by_group == stratum])
         counts = np.zeros(len(SPLITS))
         for group in members:
             if group in fixed and fixed[group] in SPLITS:

@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from retfm import __version__
+from retfm.cli.main import app
+from retfm.data import Manifest
+
+
+def _command_paths(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        yield prefix + (name,)
+        if isinstance(command, click.Group):
+            yield from _command_paths(command, prefix + (name,))
+
+
+COMMANDS = list(_command_paths(typer.main.get_command(app)))
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) for p in COMMANDS])
+def test_every_command_has_help(path):
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"retfm {__version__}"
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    """Through the real console script: exit 2, one line naming the file and the reason."""
+    run = subprocess.run([sys.executable, "-m", "retfm.cli.main", "data", "stats", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nowhere" in lines[0] and "no such manifest" in lines[0]
+    assert "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "retfm.cli.main", "data", "ingest", str(tmp_path),
+                          "--out", str(tmp_path / "o"), "--set", "split=1,1,1"], capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "sum to 1" in run.stderr
+
+
+def test_phantoms_ingest_stats_road(tmp_path):
+    """The README's main job: a phantom cohort ingests whole, with site-stratified patient-level splits."""
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "phantoms", "--out", str(tmp_path / "raw"), "--sites", "3",
+                                 "--per-site", "20", "--size", "128"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "ingest", str(tmp_path / "raw"), "--out", str(tmp_path / "ds"),
+                                 "--size", "96", "--workers", "2", "--stratify", "dr_grade"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 60 of 60" in result.output
+    result = runner.invoke(app, ["data", "stats", str(tmp_path / "ds")])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "ds" / "stats.json").read_text())
+    assert stats["images"] == 60 and stats["patients"] == 30
+    assert {site: counts["all"] for site, counts in stats["groups"]["site"].items()} == {
+        "site1": 20, "site2": 20, "site3": 20}
+    for counts in stats["groups"]["site"].values():  # every site is in training and in test
+        assert counts["train"] >= 10 and counts["test"] >= 2
+    table = Manifest.read(tmp_path / "ds").table
+    assert (table.groupby("patient_id")["split"].nunique() == 1).all()
+    assert set(table["eye"]) == {"L", "R"} and table["quality"].between(0, 1).all()
+    assert table["dr_grade"].notna().all() and str(table["dr_grade"].dtype).startswith(("int", "Int"))
