@@ -3,7 +3,7 @@
 Data: N phantom fundus JPEGs of about 2000 x 2000 px (camera-like), stored once under benchmarks/_work/.
 Reference: one process, PIL full decode, resize to 512 x 512 (antialiased), PNG write — what a short script does.
 retfm: the full ingest (JPEG draft decoding, field-of-view detection and crop, quality score, PNG write, manifest,
-report) with 1 worker and with all cores.
+report) with 1 worker, 2 workers and all cores.
 
     python benchmarks/ingest.py [--n 200] [--size 512]
 """
@@ -66,12 +66,11 @@ def main() -> None:
     results = {"images": args.n, "input_megapixels": round(float(megapixels), 2), "output_size": args.size,
                "cores": os.cpu_count()}
     out = WORK / "out"
-    for name, run in [
-        ("reference_pil_1proc", lambda: reference(src, out / "ref", args.size)),
-        ("retfm_1worker", lambda: ingest(src, out / "w1", IngestConfig(size=args.size, workers=1))),
-        (f"retfm_{os.cpu_count()}workers", lambda: ingest(src, out / "wn", IngestConfig(size=args.size,
-                                                                                       workers=os.cpu_count()))),
-    ]:
+    runs = [("reference_pil_1proc", lambda: reference(src, out, args.size))]
+    for workers in sorted({1, 2, os.cpu_count() or 1}):
+        runs.append((f"retfm_{workers}workers",
+                     lambda workers=workers: ingest(src, out, IngestConfig(size=args.size, workers=workers))))
+    for name, run in runs:
         shutil.rmtree(out, ignore_errors=True)
         seconds = timed(run)
         results[name] = {"seconds": round(seconds, 2), "images_per_s": round(args.n / seconds, 1)}
