@@ -14,6 +14,17 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when asked for (``-m slow``); the default suite stays fast on 2 cores."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="slow; run with -m slow"))
+
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

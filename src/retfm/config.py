@@ -61,6 +61,40 @@ class IngestConfig(BaseModel):
         return value
 
 
+class EmbedConfig(BaseModel):
+    """Options of ``retfm embed``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="registry name or path to a retfm checkpoint")
+    weights: str | None = Field(None, description="weights file, 'random', or none for the model's own source")
+    batch_size: int = Field(32, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0,
+                         description="decoding processes beside the model")
+    split: Literal["train", "val", "test"] | None = Field(None, description="embed one split only")
+
+
+class ProbeConfig(BaseModel):
+    """Options of ``retfm probe``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    head: Literal["logreg", "knn"] = "logreg"
+    class_weight: Literal["none", "balanced"] = "none"
+    task: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
+    by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _parse_by(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
 def parse_set(assignment: str) -> tuple[list[str], object]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists work)."""
     key, sep, raw = assignment.partition("=")

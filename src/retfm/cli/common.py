@@ -7,7 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 console = Console(stderr=True)
 stdout = Console()
@@ -16,11 +18,20 @@ ConfigOption = "YAML config file; command-line options override it"
 SetOption = "override a config value: --set key=value (repeatable; values parsed as YAML)"
 
 
+class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else "")
+
+
 @contextmanager
-def progress_bar(description: str):
-    """Yields (set_total, advance) callbacks for library code that reports progress."""
+def progress_bar(description: str, unit: str | None = None):
+    """Yields (set_total, advance) callbacks for library code that reports progress; ``unit`` adds a rate."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
+               TimeRemainingColumn(), *([_RateColumn(unit)] if unit else []))
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=None)
         yield (lambda n: progress.update(task, total=n)), (lambda n=1: progress.advance(task, n))

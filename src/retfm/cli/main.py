@@ -7,13 +7,17 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import data
+from retfm.cli import adapt, data, evaluate, models
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
 app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrain, federate, adapt, evaluate, serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(data.app, name="data")
+app.add_typer(models.app, name="models")
+app.command(name="evaluate")(evaluate.evaluate)
+app.command()(adapt.embed)
+app.command()(adapt.probe)
 
 
 def _version(value: bool) -> None:

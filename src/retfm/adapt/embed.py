@@ -1,0 +1,168 @@
+"""``retfm embed``: a Manifest's images -> one embedding per image, with the model's own preprocessing.
+
+Decoding runs in DataLoader worker processes (JPEG draft mode: a 2000 px photograph is decoded at a quarter
+scale when the model wants 392 px) while the model computes, in batches, under ``torch.inference_mode``.
+Embeddings are written in parts of a few thousand rows as they come (``EMB.parquet.parts/``), so an interrupted
+run resumes where it stopped; the finished file joins them with the manifest columns downstream steps need.
+
+Output (the Embeddings contract of DESIGN.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
+float32) and the manifest's split, site, patient, group and label columns; schema metadata ``retfm.model``,
+``retfm.weights_sha256`` (of the loaded tensors, whatever file they came from), ``retfm.preprocessing``,
+``retfm.embed_dim``, ``retfm.config``, ``retfm.manifest_sha256``, ``retfm.version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+
+from retfm import __version__
+from retfm.adapt.embeddings import vector_column
+from retfm.config import EmbedConfig
+from retfm.data.datasets import ManifestDataset, eval_transform
+from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
+from retfm.errors import RetfmError
+from retfm.hashing import file_sha256
+from retfm.models import create, preprocessing, spec as model_spec
+
+PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
+IDENTITY_KEYS = ("retfm.model", "retfm.weights_sha256", "retfm.preprocessing")
+
+
+def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], None] | None = None,
+          total: Callable[[int], None] | None = None) -> dict:
+    """Embed every image of the manifest in ``data`` (or one split) into ``out``; returns a summary dict."""
+    full = Manifest.read(data)
+    manifest = full.split(config.split) if config.split else full
+    device = _device(config.device)
+    spec = model_spec(config.model)
+    model = create(config.model, weights=config.weights).eval().to(device)
+    pre = preprocessing(spec)
+    metadata = {
+        "retfm.model": spec.name,
+        "retfm.weights_sha256": weights_sha256(model),
+        "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
+                                           "pooling": spec.pooling, "resize": "antialiased, from the stored image"}),
+        "retfm.embed_dim": str(spec.embed_dim),
+        "retfm.config": config.model_dump_json(),
+        "retfm.manifest_sha256": file_sha256(data / MANIFEST_FILENAME if Path(data).is_dir() else data),
+        "retfm.version": __version__,
+    }
+    parts = out.with_name(out.name + ".parts")
+    done = _finished_ids(out, parts, metadata)
+    todo = manifest.table[~manifest.table["image_id"].isin(done)].reset_index(drop=True)
+    if total:
+        total(len(manifest.table))
+    if progress and done:
+        progress(len(manifest.table) - len(todo))
+    if len(todo):
+        dataset = ManifestDataset(Manifest(todo, manifest.root), eval_transform(pre), group_columns=(),
+                                  decode_size=pre.size)
+        loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        _embed_batches(model, loader, device, config.precision, parts, progress)
+    table = _finish(out, parts, full, metadata)
+    return {"images": len(table), "embedded_now": len(todo), "resumed": len(done), "embed_dim": spec.embed_dim,
+            "out": str(out)}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of the model's tensors in name order: identifies the weights whatever file they were loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return torch.device(name)
+
+
+def _embed_batches(model, loader, device, precision, parts: Path, progress) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    ids: list[str] = []
+    vectors: list[np.ndarray] = []
+    part_index = len(list(parts.glob("part-*.parquet")))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            features = model(batch["image"].to(device, non_blocking=True)).float().cpu().numpy()
+            ids += batch["image_id"]
+            vectors.append(features)
+            if progress:
+                progress(len(features))
+            if len(ids) >= PART_ROWS:
+                _write_part(parts / f"part-{part_index:05d}.parquet", ids, np.concatenate(vectors))
+                ids, vectors, part_index = [], [], part_index + 1
+    if ids:
+        _write_part(parts / f"part-{part_index:05d}.parquet", ids, np.concatenate(vectors))
+
+
+def _write_part(path: Path, ids: list[str], vectors: np.ndarray) -> None:
+    partial = path.with_suffix(".tmp")
+    pq.write_table(pa.table({"image_id": pa.array(ids, pa.string()), "embedding": vector_column(vectors)}), partial)
+    partial.replace(path)  # a part exists whole or not at all
+
+
+# ---- resume and finish --------------------------------------------------------------------------------------------
+
+def _finished_ids(out: Path, parts: Path, metadata: dict[str, str]) -> set[str]:
+    """Image ids already embedded by the same model, weights and preprocessing (in ``out`` or its parts)."""
+    done: set[str] = set()
+    if out.exists():
+        existing = pq.read_schema(out).metadata or {}
+        for key in IDENTITY_KEYS:
+            if existing.get(key.encode(), b"").decode() != metadata[key]:
+                raise RetfmError(f"{out}: made with a different {key.removeprefix('retfm.')}; "
+                                 f"write to a new --out (or delete it)")
+        done |= set(pq.read_table(out, columns=["image_id"]).column("image_id").to_pylist())
+    if parts.exists():
+        identity = parts / "identity.json"
+        if identity.exists() and json.loads(identity.read_text()) != {k: metadata[k] for k in IDENTITY_KEYS}:
+            raise RetfmError(f"{parts}: unfinished parts from a different model or preprocessing; delete the folder")
+        for part in sorted(parts.glob("part-*.parquet")):
+            done |= set(pq.read_table(part, columns=["image_id"]).column("image_id").to_pylist())
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / "identity.json").write_text(json.dumps({k: metadata[k] for k in IDENTITY_KEYS}))
+    return done
+
+
+def _finish(out: Path, parts: Path, manifest: Manifest, metadata: dict[str, str]) -> pd.DataFrame:
+    pieces = [pq.read_table(part) for part in sorted(parts.glob("part-*.parquet"))]
+    if out.exists():
+        pieces.insert(0, pq.read_table(out, columns=["image_id", "embedding"]))
+    vectors_table = pa.concat_tables(pieces) if pieces else None
+    if vectors_table is None or len(vectors_table) == 0:
+        raise RetfmError(f"{manifest.root}: no images to embed")
+    ids = vectors_table.column("image_id").to_pylist()
+    first = pd.Index(ids).drop_duplicates(keep="first")
+    positions = pd.Index(ids).get_indexer(first)
+    vectors_table = vectors_table.take(pa.array(positions))
+    carried = [c for c in manifest.table.columns if c != "path" and (c not in IMAGE_INFO_COLUMNS or c == "quality")]
+    rows = pd.DataFrame({"image_id": vectors_table.column("image_id").to_pylist()})
+    rows = rows.merge(manifest.table[carried], on="image_id", how="left")
+    table = pa.Table.from_pandas(rows, preserve_index=False).append_column(
+        "embedding", vectors_table.column("embedding").combine_chunks())
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           **{k.encode(): v.encode() for k, v in metadata.items()}})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".tmp")
+    pq.write_table(table, partial)
+    partial.replace(out)
+    shutil.rmtree(parts, ignore_errors=True)
+    return rows

@@ -1,0 +1,58 @@
+"""The probe heads: scikit-learn's logistic-regression solution, C / k chosen on validation, the whole command."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from retfm.adapt.probe import KnnHead, LogisticHead, fit_logistic
+from retfm.config import ProbeConfig
+
+
+def _blobs(n: int, d: int = 16, k: int = 3, seed: int = 0, separation: float = 1.0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, d)) * separation
+    y = rng.integers(0, k, n)
+    return (rng.normal(size=(n, d)) + means[y]).astype(np.float32), y
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_logistic_fit_equals_scikit_learn(class_weight):
+    x, y = _blobs(600, k=3)
+    y[:400] = 0  # imbalanced, so balanced weights matter
+    reference = LogisticRegression(C=0.3, tol=1e-10, max_iter=10000, class_weight=class_weight).fit(x, y)
+    weight = None
+    if class_weight:
+        counts = np.bincount(y)
+        weight = torch.from_numpy((len(y) / (3 * counts[y])).astype(np.float32))
+    parameters = fit_logistic(torch.from_numpy(x), torch.from_numpy(y), 3, 0.3, weight, tol=1e-7)
+    ours = torch.softmax(torch.from_numpy(x) @ parameters[:-1] + parameters[-1], 1).numpy()
+    assert np.abs(ours - reference.predict_proba(x)).max() < 5e-4  # a float32 solver
+    assert np.abs(parameters[:-1].numpy() - reference.coef_.T).max() < 5e-3
+
+
+def test_c_is_chosen_on_validation_and_predicts_well():
+    x, y = _blobs(1500, d=32, k=4, separation=0.35)
+    head = LogisticHead()
+    choice = head.fit(x[:1000], y[:1000], x[1000:1250], y[1000:1250], 4)
+    losses = choice["selection_log_loss"]
+    assert min(losses, key=losses.get) == f"{choice['C']:.0e}" and len(losses) == 7
+    auroc = roc_auc_score(y[1250:], head.predict_proba(x[1250:]), multi_class="ovr")
+    assert auroc > 0.8
+    assert np.allclose(head.predict_proba(x[1250:]).sum(1), 1)
+
+
+def test_knn_head_covers_classes_missing_from_training():
+    x, y = _blobs(300, k=3, separation=2.0)
+    train = y != 2
+    head = KnnHead()
+    choice = head.fit(x[train][:150], y[train][:150], x[train][150:], y[train][150:], 3)
+    probabilities = head.predict_proba(x[~train])
+    assert probabilities.shape == (int((~train).sum()), 3) and np.all(probabilities[:, 2] == 0)
+    assert choice["k"] in (5, 10, 20, 50)
