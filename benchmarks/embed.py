@@ -4,10 +4,10 @@ Data: ~200 full-resolution (2000 x 2000) fundus JPEGs (the ingest benchmark's, m
 benchmarks/_work/), listed in a Manifest as they are. Model: the ``retfound-green`` architecture (timm
 ViT-S/14 with registers at 392 px) with random weights; the reference uses the very same weights.
 Reference: per image, PIL open + torchvision Resize/ToTensor/Normalize + an eager timm forward, in a loop.
-retfm: ``retfm embed`` (DataLoader decoding with JPEG draft mode in a worker process, batches of 32).
+retfm: ``retfm embed`` (DataLoader decoding with JPEG draft mode in a worker process, batches of 4 on CPU).
 Also checked: on identical input tensors, retfm's model gives the reference model's features.
 
-    python benchmarks/embed.py [--n 200] [--batch-size 32] [--workers 1]
+    python benchmarks/embed.py [--n 200] [--batch-size N] [--workers 1]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from retfm.adapt.embeddings import read_embeddings
 from retfm.config import EmbedConfig
 from retfm.data.manifest import Manifest
 from retfm.models import create, spec
+from retfm.models.backbones import POOLING_KWARGS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import WORK, make_inputs  # noqa: E402  (the same 2000 px inputs)
@@ -58,7 +59,7 @@ def reference(files: list[Path], model: torch.nn.Module, size: int, mean, std) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     src = make_inputs(args.n)
@@ -67,7 +68,8 @@ def main() -> None:
     green = spec("retfound-green")
     torch.manual_seed(0)
     ours = create("retfound-green", weights="random").eval()
-    plain = timm.create_model(green.architecture, num_classes=0, **green.model_kwargs).eval()
+    plain = timm.create_model(green.architecture, img_size=green.input_size, num_classes=0, **green.model_kwargs,
+                              **POOLING_KWARGS[green.pooling]).eval()
     plain.load_state_dict(ours.state_dict())
 
     batch = torch.randn(4, 3, green.input_size, green.input_size)

@@ -56,3 +56,48 @@ def test_knn_head_covers_classes_missing_from_training():
     probabilities = head.predict_proba(x[~train])
     assert probabilities.shape == (int((~train).sum()), 3) and np.all(probabilities[:, 2] == 0)
     assert choice["k"] in (5, 10, 20, 50)
+
+
+def test_embed_probe_evaluate_road_with_per_site_groups(tmp_path):
+    """phantoms -> ingest -> embed -> probe through the CLI; predictions, metrics and report follow the contracts."""
+    from typer.testing import CliRunner
+
+    from retfm.cli.main import app
+    from retfm.data import Manifest
+    from retfm.models import create
+
+    runner = CliRunner()
+    for args in (["data", "phantoms", "--out", str(tmp_path / "raw"), "--sites", "3", "--per-site", "16",
+                  "--size", "96"],
+                 ["data", "ingest", str(tmp_path / "raw"), "--out", str(tmp_path / "ds"), "--size", "64",
+                  "--workers", "1"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    manifest = Manifest.read(tmp_path / "ds")
+    manifest.table.loc[manifest.table.index[:3], "glaucoma"] = None  # unknown labels are excluded and counted
+    manifest.write()
+    torch.manual_seed(0)
+    torch.save(create("tiny-vit", weights="random").state_dict(), tmp_path / "tiny.pt")
+    result = runner.invoke(app, ["embed", "--data", str(tmp_path / "ds"), "--model", "tiny-vit", "--weights",
+                                 str(tmp_path / "tiny.pt"), "--out", str(tmp_path / "emb.parquet"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["probe", "--embeddings", str(tmp_path / "emb.parquet"), "--label", "glaucoma",
+                                 "--out", str(tmp_path / "probe"), "--by", "site,sex", "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+
+    table = manifest.table
+    predictions = pd.read_parquet(tmp_path / "probe" / "predictions.parquet")
+    test_rows = table[(table["split"] == "test") & table["glaucoma"].notna()]
+    assert sorted(predictions["image_id"]) == sorted(test_rows["image_id"])
+    assert {"glaucoma", "prediction", "prob_0", "prob_1", "site", "sex", "patient_id"} <= set(predictions.columns)
+    assert np.allclose(predictions[["prob_0", "prob_1"]].sum(axis=1), 1)
+    metadata = pq.read_schema(tmp_path / "probe" / "predictions.parquet").metadata
+    assert json.loads(metadata[b"retfm.classes"]) == ["0", "1"] and metadata[b"retfm.task"] == b"binary"
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert metrics["n"] == len(test_rows) and metrics["n_excluded_null_label"] == 3
+    assert set(metrics["groups"]["site"]) <= {"site1", "site2", "site3"} and "auroc" in metrics["metrics"]
+    assert metrics["meta"]["model"] == "tiny-vit" and metrics["meta"]["C"] in [float(c) for c in np.logspace(-4, 2, 7)]
+    report = (tmp_path / "probe" / "report.html").read_text()
+    assert "data:image/png;base64," in report
+    assert not any(image_id in report for image_id in table["image_id"])
+    assert (tmp_path / "probe" / "probe_config.yaml").exists()

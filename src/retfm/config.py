@@ -68,7 +68,8 @@ class EmbedConfig(BaseModel):
 
     model: str = Field(..., description="registry name or path to a retfm checkpoint")
     weights: str | None = Field(None, description="weights file, 'random', or none for the model's own source")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="images per forward pass (default: 4 on CPU, where "
+                                                            "larger batches are slower, 64 on CUDA)")
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"
     workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0,

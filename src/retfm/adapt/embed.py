@@ -68,7 +68,8 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     if len(todo):
         dataset = ManifestDataset(Manifest(todo, manifest.root), eval_transform(pre), group_columns=(),
                                   decode_size=pre.size)
-        loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.workers,
+        batch_size = config.batch_size or (64 if device.type == "cuda" else 4)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=config.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         _embed_batches(model, loader, device, config.precision, parts, progress)
     table = _finish(out, parts, full, metadata)
