@@ -22,10 +22,12 @@ def _blobs(n: int, d: int = 16, k: int = 3, seed: int = 0, separation: float = 1
     return (rng.normal(size=(n, d)) + means[y]).astype(np.float32), y
 
 
-@pytest.mark.parametrize("class_weight", [None, "balanced"])
-def test_logistic_fit_equals_scikit_learn(class_weight):
+@pytest.mark.parametrize("class_weight,collinear", [(None, False), ("balanced", False), (None, True)])
+def test_logistic_fit_equals_scikit_learn(class_weight, collinear):
     x, y = _blobs(600, k=3)
     y[:400] = 0  # imbalanced, so balanced weights matter
+    if collinear:  # a repeated feature and a zero one: singular second moments, as real embeddings can have
+        x = np.column_stack([x, x[:, :1], np.zeros(len(x), np.float32)])
     reference = LogisticRegression(C=0.3, tol=1e-10, max_iter=10000, class_weight=class_weight).fit(x, y)
     weight = None
     if class_weight:
