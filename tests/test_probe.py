@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -12,7 +11,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.probe import KnnHead, LogisticHead, fit_logistic
-from retfm.config import ProbeConfig
 
 
 def _blobs(n: int, d: int = 16, k: int = 3, seed: int = 0, separation: float = 1.0):

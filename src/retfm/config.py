@@ -96,6 +96,47 @@ class ProbeConfig(BaseModel):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
+class PretrainConfig(BaseModel):
+    """Options of ``retfm pretrain`` (see docs/pretrain.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: Literal["mae", "token-reconstruction"]
+    data: list[Path] = Field(..., min_length=1, description="ingest folders (or manifest files)")
+    data_weights: list[float] | None = Field(None, description="sampling share of each --data (default: by size)")
+    split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
+    model: str = Field(..., description="registry name or retfm checkpoint: the architecture and preprocessing")
+    init: str | None = Field(None, description="initial weights: a file, or null for random initialisation")
+    image_size: int | None = Field(None, ge=16, description="default: the model's input size")
+    objective_options: dict = Field(default_factory=dict, description="keyword arguments of the objective")
+    steps: int = Field(1000, ge=1, description="optimiser steps")
+    batch_size: int = Field(64, ge=1, description="images per micro-batch")
+    accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    blr: float = Field(1.5e-4, gt=0, description="base learning rate; lr = blr * images per step / 256 (MAE)")
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(None, gt=0, description="max gradient norm (null: no clipping)")
+    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the backbone saved at the end")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("data_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value):
+        if isinstance(value, str):
+            try:
+                return [float(v) for v in value.split(",")]
+            except ValueError:
+                raise ValueError("data_weights must be numbers like 0.7,0.3") from None
+        return value
+
+
 def parse_set(assignment: str) -> tuple[list[str], object]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists work)."""
     key, sep, raw = assignment.partition("=")

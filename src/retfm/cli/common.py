@@ -29,12 +29,24 @@ class _RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bar(description: str, unit: str | None = None):
-    """Yields (set_total, advance) callbacks for library code that reports progress; ``unit`` adds a rate."""
+    """Yields (set_total, advance) callbacks for library code that reports progress; ``unit`` adds a rate.
+    The bar appears at the first callback, so an error raised before any work is one line, with no bar."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), *([_RateColumn(unit)] if unit else []))
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=None)
-        yield (lambda n: progress.update(task, total=n)), (lambda n=1: progress.advance(task, n))
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task(description, total=None)
+
+    def started(update):
+        def call(*args):
+            if not progress.live.is_started:
+                progress.start()
+            update(*args)
+        return call
+
+    try:
+        yield started(lambda n: progress.update(task, total=n)), started(lambda n=1: progress.advance(task, n))
+    finally:
+        progress.stop()
 
 
 def write_json(path: Path, payload: dict) -> None:

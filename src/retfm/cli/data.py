@@ -1,4 +1,4 @@
-"""``retfm data ...``: phantoms, ingest, de-identify, stats."""
+"""``retfm data ...``: phantoms, ingest, de-identify, stats, shards."""
 
 from __future__ import annotations
 
@@ -114,6 +114,34 @@ def deid(
 
     report = deidentify_ingest(data, out, load_key(key_file))
     stdout.print(f"de-identified copy in {out}; dropped columns: {', '.join(report['columns_dropped']) or 'none'}")
+
+
+@app.command()
+def shard(
+    data: Path = typer.Argument(..., help="ingest folder or manifest file"),
+    out: Path = typer.Option(..., "--out", help="folder for shard-000000.tar, ... and index.json"),
+    shard_size: int = typer.Option(1000, "--shard-size", min=1, help="images per shard"),
+    split: str = typer.Option(None, "--split", help="only this split: train, val or test [default: all]"),
+    columns: str = typer.Option(None, "--columns", help="comma-separated manifest columns for each image's JSON, "
+                                                        "e.g. site,dr_grade [default: every safe column and label]"),
+    shuffle: bool = typer.Option(False, "--shuffle/--no-shuffle", help="shuffle images before sharding, so that "
+                                                                       "streaming a few shards at a time mixes well"),
+    seed: int = typer.Option(0, "--seed", help="seed for --shuffle"),
+) -> None:
+    """Pack a Manifest's images into WebDataset tar shards plus index.json, for streaming large corpora."""
+    from retfm.data.shards import INDEX_FILENAME, write_shards
+
+    chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    with progress_bar("shard", unit="img") as (total, advance):
+        index = write_shards(data, out, shard_size=shard_size, split=split, columns=chosen,
+                             shuffle_seed=seed if shuffle else None, progress=advance, total=total)
+    stdout.print(f"wrote {index['total']} image(s) in {len(index['shards'])} shard(s) to {out}; "
+                 f"columns: {', '.join(index['columns'])}")
+    if not index["deidentified"]:
+        console.print("[yellow]warning:[/yellow] the manifest is not marked as de-identified (no --deid-key-file "
+                      "at ingest): patient_id and labels are as the source gave them; see `retfm data deid`",
+                      highlight=False)
+    console.print(f"index: {out / INDEX_FILENAME}")
 
 
 def _print_stats(result: dict) -> None:

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, models
+from retfm.cli import adapt, data, evaluate, models, pretrain
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -18,6 +18,7 @@ app.add_typer(models.app, name="models")
 app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)
 app.command()(adapt.probe)
+app.command()(pretrain.pretrain)
 
 
 def _version(value: bool) -> None:

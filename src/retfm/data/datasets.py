@@ -96,18 +96,32 @@ class ManifestDataset(Dataset):
                 image = image.convert("RGB")
         except OSError as exc:
             raise RetfmError(f"{path}: cannot read image ({exc})") from None
-        if self.transform is not None:
-            if self.seed is None:
-                image = self.transform(image)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
-                    image = self.transform(image)
-        item = {"image": image, "image_id": str(row["image_id"])}
+        item = {"image": apply_seeded(self.transform, image, self.seed, self.epoch, index),
+                "image_id": str(row["image_id"])}
         if self.label is not None:
             value = row[self.label]
             item["label"] = value.item() if hasattr(value, "item") else value
-        for column in self.group_columns:  # batches cannot hold None: unknown is NaN (age) or "unknown"
-            value = row[column]
-            item[column] = (float("nan") if column == "age" else "unknown") if pd.isna(value) else value
+        item.update(group_values(row, self.group_columns))
         return item
+
+
+def apply_seeded(transform, image, seed: int | None, *keys: int):
+    """``transform(image)`` with torch's RNG seeded from (seed, *keys) and then restored, so an item's
+    augmentation depends on what it is, not on which worker or in which order it was loaded."""
+    if transform is None:
+        return image
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
+        return transform(image)
+
+
+def group_values(row, columns: Sequence[str]) -> dict:
+    """Group columns of one row for a batch; batches cannot hold None, so unknown is NaN (age) or "unknown"."""
+    values = {}
+    for column in columns:
+        if column in row:
+            value = row[column]
+            values[column] = (float("nan") if column == "age" else "unknown") if pd.isna(value) else value
+    return values

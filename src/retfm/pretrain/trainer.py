@@ -1,0 +1,319 @@
+"""``retfm pretrain``: one trainer for every self-supervised objective, resumable to the bit.
+
+A run is a loop over optimiser steps. Each step draws ``accum_steps`` micro-batches from the epoch's sample
+order, runs the objective (``batch -> dict of losses``), clips, steps AdamW (weight decay off for biases, norms,
+tokens and position embeddings), follows a warmup + cosine learning-rate schedule and updates the optional EMA.
+
+Exact resumes: the epoch's sample order is a pure function of (seed, epoch); augmentations of (seed, epoch,
+index); DataLoader workers get their seeds from a generator of their own; masks and noise come from torch's
+global RNG, whose state is checkpointed with the model, optimiser, schedule, scaler, EMA and data position.
+Checkpoints (``OUT/checkpoint.pt``) are written atomically every ``checkpoint_every`` steps, so a run killed
+at any moment resumes from the last one and ends with the same weights, bit for bit, as an uninterrupted run.
+
+The end product is a registry-loadable backbone: ``OUT/model.safetensors`` + ``OUT/model.json`` (architecture,
+objective, data summary, images seen, compute), usable wherever a model name is (``retfm embed --model
+OUT/model.safetensors``). ``OUT/log.jsonl`` holds one line per logged step; ``OUT/pretrain_config.yaml`` the
+resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.flop_counter import FlopCounterMode
+
+from retfm import __version__
+from retfm.config import PretrainConfig, save_config
+from retfm.data.datasets import ManifestDataset, Preprocessing, train_transform
+from retfm.data.manifest import Manifest
+from retfm.errors import RetfmError
+from retfm.hashing import file_sha256
+from retfm.models import create, save_checkpoint
+from retfm.models import spec as model_spec
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+MODEL_FILENAME = "model.safetensors"
+LOG_FILENAME = "log.jsonl"
+
+
+def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
+             progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
+             on_log: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) a pretraining; returns the final card."""
+    checkpoint_path = out / CHECKPOINT_FILENAME
+    if checkpoint_path.exists() and not resume:
+        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
+    if resume and not checkpoint_path.exists():
+        raise RetfmError(f"{checkpoint_path}: nothing to resume")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    torch.manual_seed(config.seed)
+
+    spec = model_spec(config.model)
+    size = config.image_size or spec.input_size
+    spec = dataclasses.replace(spec, input_size=size)
+    backbone = create(config.model, weights=config.init or "random", img_size=size)
+    patch = backbone.patch_embed.patch_size[0]
+    if size % patch:
+        raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
+    objective = build_objective(config, backbone).to(device).train()
+    data = MixedData(config, Preprocessing(size, spec.mean, spec.std))
+
+    images_per_step = config.batch_size * config.accum_steps
+    lr = config.blr * images_per_step / 256
+    optimiser = build_optimiser(objective, config, lr, device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config, lr))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    ema = (AveragedModel(objective.backbone, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+           if config.ema else None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
+                              enabled=config.precision != "fp32")
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
+    if resume:
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if saved["config"] != config.model_dump_json():
+            raise RetfmError(f"{checkpoint_path}: was made with another config; resume with the same options")
+        objective.load_state_dict(saved["objective"])
+        optimiser.load_state_dict(saved["optimiser"])
+        schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        state = saved["state"]
+        torch.set_rng_state(saved["rng"])
+        _truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
+        if device.type == "cuda" and "cuda_rng" in saved:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "pretrain_config.yaml")
+        (out / LOG_FILENAME).unlink(missing_ok=True)
+
+    flops_per_image = _training_flops_per_image(objective, size, device)
+    if total:
+        total(config.steps)
+    if progress and state["step"]:
+        progress(state["step"])
+    batches = data.batches(state["epoch"], state["batch_in_epoch"], config.batch_size, config.workers)
+    started = time.perf_counter() - state["seconds"]
+    window = (time.perf_counter(), state["images_seen"])
+    while state["step"] < config.steps:
+        losses: dict[str, float] = {}
+        for _ in range(config.accum_steps):
+            batch, state["epoch"], state["batch_in_epoch"] = next(batches)
+            images = batch["image"].to(device, non_blocking=True)
+            with autocast:
+                result = objective(images)
+            scaler.scale(result["loss"] / config.accum_steps).backward()
+            for key, value in result.items():
+                if value.ndim == 0:
+                    losses[key] = losses.get(key, 0.0) + float(value) / config.accum_steps
+            state["images_seen"] += len(images)
+        if config.clip_grad:
+            scaler.unscale_(optimiser)
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad)
+        scaler.step(optimiser)
+        scaler.update()
+        optimiser.zero_grad(set_to_none=True)
+        schedule.step()
+        if ema is not None:
+            ema.update_parameters(objective.backbone)
+        state["step"] += 1
+        state["seconds"] = time.perf_counter() - started
+        if progress:
+            progress(1)
+        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+            now = time.perf_counter()
+            record = {"step": state["step"], **{k: round(v, 6) for k, v in losses.items()},
+                      "lr": schedule.get_last_lr()[0], "epoch": state["epoch"], "images_seen": state["images_seen"],
+                      "images_per_s": round((state["images_seen"] - window[1]) / max(now - window[0], 1e-9), 2)}
+            window = (now, state["images_seen"])
+            with open(out / LOG_FILENAME, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if on_log:
+                on_log(record)
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+            _save_checkpoint(checkpoint_path, config, objective, optimiser, schedule, scaler, ema, state, device)
+
+    final = ema.module if ema is not None else objective.backbone
+    card = {
+        "name": f"{spec.name}-{config.objective}",
+        "description": f"{spec.name} pretrained by retfm with {config.objective}",
+        "objective": config.objective, "objective_options": config.objective_options,
+        "init": config.init or "random", "data": data.summary(), "steps": state["step"],
+        "images_seen": state["images_seen"], "ema": config.ema,
+        "compute": {"training_flops_estimate": flops_per_image * state["images_seen"],
+                    "device": str(device), "device_hours": round(state["seconds"] / 3600, 5),
+                    "precision": config.precision},
+        "retfm_version": __version__,
+    }
+    save_checkpoint(final.cpu(), spec, out / MODEL_FILENAME, **card)
+    return card
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+class MixedData:
+    """One or more manifests sampled by weight; an epoch's order is a pure function of (seed, epoch)."""
+
+    def __init__(self, config: PretrainConfig, pre: Preprocessing):
+        self.seed = config.seed
+        self.datasets: list[ManifestDataset] = []
+        self.sources: list[dict] = []
+        for path in config.data:
+            manifest = Manifest.read(path)
+            if config.split:
+                manifest = manifest.split(config.split)
+            if not len(manifest.table):
+                raise RetfmError(f"{path}: no images in split {config.split!r}")
+            self.datasets.append(ManifestDataset(manifest, train_transform(pre), seed=config.seed, group_columns=(),
+                                                 decode_size=pre.size))
+            self.sources.append({"manifest_sha256": file_sha256(_manifest_file(path)), "images": len(manifest.table),
+                                 "sites": sorted(manifest.table["site"].astype(str).unique().tolist())})
+        sizes = np.array([len(d) for d in self.datasets], dtype=float)
+        weights = np.asarray(config.data_weights if config.data_weights else sizes, dtype=float)
+        if len(weights) != len(sizes) or (weights < 0).any() or weights.sum() <= 0:
+            raise RetfmError(f"--data-weights: need {len(sizes)} non-negative numbers, one per --data")
+        self.weights = weights / weights.sum()
+        self.epoch_size = int(sizes.sum())
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+        for source, weight in zip(self.sources, self.weights):
+            source["weight"] = round(float(weight), 4)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Global indices of one epoch: each source's share of ``epoch_size`` draws, from its own reshuffled
+        permutation (repeated when its share exceeds its size), interleaved at random."""
+        rng = np.random.default_rng([self.seed, epoch])
+        counts = np.floor(self.weights * self.epoch_size).astype(int)
+        counts[np.argmax(self.weights)] += self.epoch_size - counts.sum()
+        picks = []
+        for dataset, offset, count in zip(self.datasets, self.offsets, counts):
+            repeats = -(-count // len(dataset))
+            permutation = np.concatenate([rng.permutation(len(dataset)) for _ in range(repeats)])[:count]
+            picks.append(permutation + offset)
+        return rng.permutation(np.concatenate(picks))
+
+    def batches(self, epoch: int, batch_in_epoch: int, batch_size: int, workers: int):
+        """Yield (batch, epoch, batches done in that epoch) forever, starting at a saved position."""
+        if batch_size > self.epoch_size:
+            raise RetfmError(f"batch size {batch_size} is larger than the data ({self.epoch_size} images)")
+        while True:
+            for dataset in self.datasets:
+                dataset.set_epoch(epoch)
+            full = self.order(epoch)[: self.epoch_size // batch_size * batch_size]  # whole batches only
+            loader = DataLoader(_Concat(self.datasets, self.offsets), batch_size=batch_size,
+                                sampler=_Slice(full[batch_in_epoch * batch_size:]), num_workers=workers,
+                                drop_last=True, generator=torch.Generator().manual_seed(self.seed + epoch),
+                                persistent_workers=False)
+            for batch in loader:
+                batch_in_epoch += 1
+                yield batch, epoch, batch_in_epoch
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    def summary(self) -> list[dict]:
+        return self.sources
+
+
+class _Concat(Dataset):
+    def __init__(self, datasets: list[ManifestDataset], offsets: np.ndarray):
+        self.datasets, self.offsets = datasets, offsets
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1]) + len(self.datasets[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        source = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.datasets[source][index - int(self.offsets[source])]
+
+
+class _Slice(Sampler):
+    def __init__(self, indices: np.ndarray):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(self.indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _manifest_file(path: Path) -> Path:
+    return path / "manifest.parquet" if Path(path).is_dir() else Path(path)
+
+
+# ---- model and optimisation -------------------------------------------------------------------------------------
+
+def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+    from retfm.pretrain.mae import MAE
+    from retfm.pretrain.token_reconstruction import TokenReconstruction
+
+    try:
+        if config.objective == "mae":
+            return MAE(backbone, **config.objective_options)
+        return TokenReconstruction(backbone, **config.objective_options)
+    except TypeError as exc:
+        raise RetfmError(f"objective_options for {config.objective}: {exc}") from None
+
+
+def build_optimiser(objective: torch.nn.Module, config: PretrainConfig, lr: float,
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms, tokens and position embeddings; fused (one kernel for all
+    parameters) where torch supports it on the device."""
+    groups = param_groups_weight_decay(objective, config.weight_decay, no_weight_decay_list=_no_decay_names(objective))
+    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, fused=device.type in ("cpu", "cuda"))
+
+
+def _no_decay_names(objective: torch.nn.Module) -> set[str]:
+    """Tokens and position embeddings are not decayed (as in MAE and timm), wherever they sit in the objective."""
+    return {name for name, _ in objective.named_parameters()
+            if name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed")}
+
+
+def _warmup_cosine(config: PretrainConfig, lr: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return (config.min_lr + (lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / lr
+    return factor
+
+
+def _training_flops_per_image(objective: torch.nn.Module, size: int, device: torch.device) -> int:
+    """Forward FLOPs of one image counted by torch, times 3 for the backward pass (the usual estimate).
+    The global RNG is left as it was, so counting does not change the run."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            objective(torch.zeros(1, 3, size, size, device=device))
+    return 3 * counter.get_total_flops()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _save_checkpoint(path: Path, config, objective, optimiser, schedule, scaler, ema, state, device) -> None:
+    payload = {"config": config.model_dump_json(), "objective": objective.state_dict(),
+               "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+               "state": dict(state), "rng": torch.get_rng_state()}
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
+    if device.type == "cuda":
+        payload["cuda_rng"] = torch.cuda.get_rng_state()
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(payload, partial)
+    partial.replace(path)  # a checkpoint exists whole or not at all

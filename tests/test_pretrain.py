@@ -1,0 +1,113 @@
+"""The pretraining trainer: exact resume after SIGKILL, mixed data, schedule, and a backbone usable by name."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from retfm.config import EmbedConfig, IngestConfig, PretrainConfig
+from retfm.data.ingest import ingest
+from retfm.data.phantoms import generate_cohort
+from retfm.pretrain.trainer import MixedData, _warmup_cosine
+
+TINY_MAE = ["--set", "objective_options={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    generate_cohort(root / "raw", sites=2, per_site=12, size=96, seed=0)
+    ingest(root / "raw", root / "ds", IngestConfig(size=64, workers=1))
+    return root / "ds"
+
+
+def _command(data, out, steps, *extra):
+    return [sys.executable, "-m", "retfm.cli.main", "pretrain", "--objective", "mae", "--data", str(data),
+            "--model", "tiny-vit", "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--workers", "1",
+            "--set", "checkpoint_every=3", "--set", "log_every=1", "--set", "warmup_steps=5", *TINY_MAE, *extra]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_killed_run_resumes_to_the_same_weights_bit_for_bit(cohort, tmp_path):
+    steps = 24
+    whole = subprocess.run(_command(cohort, tmp_path / "whole", steps), env=_env(), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    kill_after = random.Random(os.getpid()).randint(4, steps - 4)  # a different step on every run
+    run = subprocess.Popen(_command(cohort, tmp_path / "cut", steps), env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None:
+        if log.exists() and any(json.loads(line)["step"] >= kill_after for line in log.read_text().splitlines()):
+            run.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert run.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["state"]["step"]
+    assert 0 < saved < steps and not (tmp_path / "cut" / "model.safetensors").exists()
+
+    resumed = subprocess.run(_command(cohort, tmp_path / "cut", steps, "--resume"), env=_env(), capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    first, second = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # steps redone after the checkpoint are logged once
+    whole_losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    cut_losses = [json.loads(line)["loss"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert whole_losses == cut_losses
+
+    # The backbone works wherever a model name does.
+    from retfm.adapt.embed import embed
+
+    card = json.loads((tmp_path / "cut" / "model.json").read_text())
+    assert card["objective"] == "mae" and card["images_seen"] == steps * 4 and card["steps"] == steps
+    assert card["compute"]["training_flops_estimate"] > 0 and card["data"][0]["images"] > 0
+    summary = embed(cohort, tmp_path / "emb.parquet", EmbedConfig(model=str(tmp_path / "cut" / "model.safetensors"),
+                                                                  workers=0))
+    assert summary["images"] == 24 and summary["embed_dim"] == 64
+
+
+def test_a_new_run_refuses_an_existing_folder_and_resume_needs_a_checkpoint(cohort, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    run = subprocess.run(_command(cohort, tmp_path / "run", 2), env=_env(), capture_output=True, text=True)
+    assert run.returncode == 2 and "--resume" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    run = subprocess.run(_command(cohort, tmp_path / "none", 2, "--resume"), env=_env(), capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "nothing to resume" in run.stderr
+
+
+def test_mixed_data_follows_the_weights_and_is_a_function_of_seed_and_epoch(cohort, tmp_path):
+    config = PretrainConfig(objective="mae", data=[cohort, cohort], data_weights=[0.75, 0.25], model="tiny-vit",
+                            split=None)
+    from retfm.data.datasets import Preprocessing
+
+    data = MixedData(config, Preprocessing(64))
+    order = data.order(0)
+    size = len(data.datasets[0])
+    assert len(order) == 2 * size
+    assert abs((order < size).mean() - 0.75) < 1 / size
+    assert np.array_equal(order, MixedData(config, Preprocessing(64)).order(0))
+    assert not np.array_equal(order, data.order(1))
+
+
+def test_schedule_warms_up_then_follows_a_cosine_to_min_lr():
+    config = PretrainConfig(objective="mae", data=["x"], model="tiny-vit", steps=110, warmup_steps=10, min_lr=1e-6)
+    factor = _warmup_cosine(config, 1e-3)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx((1e-6 + (1e-3 - 1e-6) * 0.5) / 1e-3)
+    assert factor(110) * 1e-3 == pytest.approx(1e-6)
