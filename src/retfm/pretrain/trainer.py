@@ -119,7 +119,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
             scaler.scale(result["loss"] / config.accum_steps).backward()
             for key, value in result.items():
                 if value.ndim == 0:
-                    losses[key] = losses.get(key, 0.0) + float(value) / config.accum_steps
+                    losses[key] = losses.get(key, 0.0) + float(value.detach()) / config.accum_steps
             state["images_seen"] += len(images)
         if config.clip_grad:
             scaler.unscale_(optimiser)
