@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from retfm.errors import RetfmError
+from retfm.pretrain.sampling import BatchShard
 
 
 def patchify(images: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
@@ -73,6 +74,7 @@ class MAE(nn.Module):
     def __init__(self, backbone: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True):
         super().__init__()
+        self.shard = BatchShard()  # the trainer sets this process's rows of a data-parallel batch
         patch_embed = backbone.patch_embed
         grid = patch_embed.grid_size
         if any(size % patch for size, patch in zip(patch_embed.img_size, patch_embed.patch_size)):
@@ -120,7 +122,7 @@ class MAE(nn.Module):
         tokens = backbone._pos_embed(backbone.patch_embed(images))  # before the shuffle: positions travel along
         prefix, patches = tokens[:, :backbone.num_prefix_tokens], tokens[:, backbone.num_prefix_tokens:]
         b, n, d = patches.shape
-        shuffle = torch.rand(b, n, device=images.device).argsort(dim=1)
+        shuffle = self.shard.rand(b, n, device=images.device).argsort(dim=1)
         restore = shuffle.argsort(dim=1)
         visible = torch.gather(patches, 1, shuffle[:, :self.num_visible, None].expand(-1, -1, d))
         latent = encode_tokens(backbone, torch.cat([prefix, visible], dim=1))

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from retfm.errors import RetfmError
 from retfm.pretrain.mae import encode_tokens
+from retfm.pretrain.sampling import BatchShard
 
 
 class TokenReconstruction(nn.Module):
@@ -51,6 +52,7 @@ class TokenReconstruction(nn.Module):
                  max_mask_ratio: float = 1 / 3, noise_std: float = 0.2, projector_hidden: int | None = None,
                  layerscale_init: float = 1e-5, clean_last_sample: bool = True):
         super().__init__()
+        self.shard = BatchShard()  # the trainer sets this process's rows of a data-parallel batch
         if not 0 <= max_mask_ratio <= 1:
             raise RetfmError(f"token reconstruction: max_mask_ratio {max_mask_ratio} is not between 0 and 1")
         if noise_std < 0:
@@ -90,8 +92,9 @@ class TokenReconstruction(nn.Module):
 
     def noise(self, images: Tensor) -> Tensor:
         """Gaussian pixel noise, ``noise_std`` times each image's per-channel standard deviation."""
-        noise = torch.randn_like(images) * (self.noise_std * images.std(dim=(2, 3), keepdim=True))
-        if self.clean_last_sample:
+        noise = self.shard.randn(*images.shape, device=images.device, dtype=images.dtype)
+        noise = noise * (self.noise_std * images.std(dim=(2, 3), keepdim=True))
+        if self.clean_last_sample and self.shard.holds_last:
             noise[-1] = 0
         return noise
 
@@ -100,10 +103,10 @@ class TokenReconstruction(nn.Module):
         exactly ``round(ratio * N)`` tokens for its own ratio from U(0, max_mask_ratio)."""
         shape = torch.Size(shape)
         b, n = shape[0], shape[1:].numel()
-        hidden = (torch.rand(b, 1, device=device) * (self.max_mask_ratio * n)).round()
-        rank = torch.rand(b, n, device=device).argsort(dim=1).argsort(dim=1)
+        hidden = (self.shard.rand(b, 1, device=device) * (self.max_mask_ratio * n)).round()
+        rank = self.shard.rand(b, n, device=device).argsort(dim=1).argsort(dim=1)
         mask = rank < hidden
-        if self.clean_last_sample:
+        if self.clean_last_sample and self.shard.holds_last:
             mask[-1] = False
         return mask.reshape(shape)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,7 @@ from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import create, save_checkpoint
 from retfm.models import spec as model_spec
+from retfm.pretrain.sampling import BatchShard
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 MODEL_FILENAME = "model.safetensors"
@@ -58,6 +60,9 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    shard, device = _join_process_group(device)
+    if shard.rank:  # one voice: the first process reports and writes
+        progress = total = on_log = None
     torch.manual_seed(config.seed)
 
     spec = model_spec(config.model)
@@ -68,9 +73,10 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     if size % patch:
         raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
     objective = build_objective(config, backbone).to(device).train()
+    objective.shard = shard
     data = MixedData(config, Preprocessing(size, spec.mean, spec.std))
 
-    images_per_step = config.batch_size * config.accum_steps
+    images_per_step = config.batch_size * config.accum_steps * shard.world
     lr = config.blr * images_per_step / 256
     optimiser = build_optimiser(objective, config, lr, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config, lr))
@@ -96,17 +102,20 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         _truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
         if device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"])
-    else:
+    elif shard.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "pretrain_config.yaml")
         (out / LOG_FILENAME).unlink(missing_ok=True)
 
     flops_per_image = _training_flops_per_image(objective, size, device)
+    # DDP averages gradients over processes; the frozen teacher's buffers never change, so none are broadcast.
+    step_model = (torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+                  if shard.world > 1 else objective)
     if total:
         total(config.steps)
     if progress and state["step"]:
         progress(state["step"])
-    batches = data.batches(state["epoch"], state["batch_in_epoch"], config.batch_size, config.workers)
+    batches = data.batches(state["epoch"], state["batch_in_epoch"], config.batch_size, config.workers, shard)
     started = time.perf_counter() - state["seconds"]
     window = (time.perf_counter(), state["images_seen"])
     while state["step"] < config.steps:
@@ -115,12 +124,12 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
             batch, state["epoch"], state["batch_in_epoch"] = next(batches)
             images = batch["image"].to(device, non_blocking=True)
             with autocast:
-                result = objective(images)
+                result = step_model(images)
             scaler.scale(result["loss"] / config.accum_steps).backward()
             for key, value in result.items():
                 if value.ndim == 0:
                     losses[key] = losses.get(key, 0.0) + float(value.detach()) / config.accum_steps
-            state["images_seen"] += len(images)
+            state["images_seen"] += len(images) * shard.world
         if config.clip_grad:
             scaler.unscale_(optimiser)
             torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad)
@@ -135,31 +144,36 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         if progress:
             progress(1)
         if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+            losses = _mean_over_processes(losses, shard)
             now = time.perf_counter()
             record = {"step": state["step"], **{k: round(v, 6) for k, v in losses.items()},
                       "lr": schedule.get_last_lr()[0], "epoch": state["epoch"], "images_seen": state["images_seen"],
                       "images_per_s": round((state["images_seen"] - window[1]) / max(now - window[0], 1e-9), 2)}
             window = (now, state["images_seen"])
-            with open(out / LOG_FILENAME, "a") as log:
-                log.write(json.dumps(record) + "\n")
+            if shard.rank == 0:
+                with open(out / LOG_FILENAME, "a") as log:
+                    log.write(json.dumps(record) + "\n")
             if on_log:
                 on_log(record)
-        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+        if shard.rank == 0 and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps):
             _save_checkpoint(checkpoint_path, config, objective, optimiser, schedule, scaler, ema, state, device)
 
     final = ema.module if ema is not None else objective.backbone
+    if shard.world > 1:
+        torch.distributed.destroy_process_group()
     card = {
         "name": f"{spec.name}-{config.objective}",
         "description": f"{spec.name} pretrained by retfm with {config.objective}",
         "objective": config.objective, "objective_options": config.objective_options,
         "init": config.init or "random", "data": data.summary(), "steps": state["step"],
         "images_seen": state["images_seen"], "ema": config.ema,
-        "compute": {"training_flops_estimate": flops_per_image * state["images_seen"],
-                    "device": str(device), "device_hours": round(state["seconds"] / 3600, 5),
+        "compute": {"training_flops_estimate": flops_per_image * state["images_seen"], "processes": shard.world,
+                    "device": str(device), "device_hours": round(shard.world * state["seconds"] / 3600, 5),
                     "precision": config.precision},
         "retfm_version": __version__,
     }
-    save_checkpoint(final.cpu(), spec, out / MODEL_FILENAME, **card)
+    if shard.rank == 0:
+        save_checkpoint(final.cpu(), spec, out / MODEL_FILENAME, **card)
     return card
 
 
@@ -205,16 +219,21 @@ class MixedData:
             picks.append(permutation + offset)
         return rng.permutation(np.concatenate(picks))
 
-    def batches(self, epoch: int, batch_in_epoch: int, batch_size: int, workers: int):
-        """Yield (batch, epoch, batches done in that epoch) forever, starting at a saved position."""
-        if batch_size > self.epoch_size:
-            raise RetfmError(f"batch size {batch_size} is larger than the data ({self.epoch_size} images)")
+    def batches(self, epoch: int, batch_in_epoch: int, batch_size: int, workers: int,
+                shard: BatchShard = BatchShard()):
+        """Yield (this process's rows of a global batch, epoch, global batches done in that epoch) forever,
+        starting at a saved position. A global batch is ``batch_size`` rows from each of ``shard.world``
+        processes."""
+        global_batch = batch_size * shard.world
+        if global_batch > self.epoch_size:
+            raise RetfmError(f"batch size {global_batch} is larger than the data ({self.epoch_size} images)")
         while True:
             for dataset in self.datasets:
                 dataset.set_epoch(epoch)
-            full = self.order(epoch)[: self.epoch_size // batch_size * batch_size]  # whole batches only
+            whole = self.order(epoch)[: self.epoch_size // global_batch * global_batch]  # whole batches only
+            mine = whole.reshape(-1, shard.world, batch_size)[:, shard.rank].ravel()
             loader = DataLoader(_Concat(self.datasets, self.offsets), batch_size=batch_size,
-                                sampler=_Slice(full[batch_in_epoch * batch_size:]), num_workers=workers,
+                                sampler=_Slice(mine[batch_in_epoch * batch_size:]), num_workers=workers,
                                 drop_last=True, generator=torch.Generator().manual_seed(self.seed + epoch),
                                 persistent_workers=False)
             for batch in loader:
@@ -298,6 +317,26 @@ def _training_flops_per_image(objective: torch.nn.Module, size: int, device: tor
         with counter:
             objective(torch.zeros(1, 3, size, size, device=device))
     return 3 * counter.get_total_flops()
+
+
+def _join_process_group(device: torch.device) -> tuple[BatchShard, torch.device]:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group: gloo on CPU, NCCL on GPUs, one GPU per process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return BatchShard(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return BatchShard(torch.distributed.get_rank(), world), device
+
+
+def _mean_over_processes(losses: dict[str, float], shard: BatchShard) -> dict[str, float]:
+    if shard.world == 1:
+        return losses
+    values = torch.tensor(list(losses.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return dict(zip(losses, (values / shard.world).tolist()))
 
 
 def _truncate_log(path: Path, step: int) -> None:
