@@ -159,6 +159,14 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
         checkpoint_format="mae", licence="n/a (no weights)",
     ),
     ModelSpec(
+        name="vit-tiny-p4", modality="CFP",
+        description="ViT-Tiny with 4 px patches at 32 px (width 192, 6 blocks), for MNIST-size images such as "
+                    "RetinaMNIST and CPU demos; no published weights (pretrain it with retfm pretrain)",
+        architecture="vit_tiny_patch16_224", model_kwargs={"patch_size": 4},
+        input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="avg", embed_dim=192,
+        checkpoint_format="mae", licence="n/a (no weights)",
+    ),
+    ModelSpec(
         name="tiny-vit-reg", modality="test",
         description="Tiny DINOv2-style ViT with 4 registers for tests (patch 14, 56 px, width 48, 2 blocks); "
                     "no weights",
