@@ -18,6 +18,7 @@ resolved config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -99,7 +100,8 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
             ema.load_state_dict(saved["ema"])
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
-        _truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
+        if shard.rank == 0:
+            _truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
         if device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"])
     elif shard.rank == 0:
@@ -120,12 +122,15 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     window = (time.perf_counter(), state["images_seen"])
     while state["step"] < config.steps:
         losses: dict[str, float] = {}
-        for _ in range(config.accum_steps):
+        for micro in range(config.accum_steps):
             batch, state["epoch"], state["batch_in_epoch"] = next(batches)
             images = batch["image"].to(device, non_blocking=True)
-            with autocast:
-                result = step_model(images)
-            scaler.scale(result["loss"] / config.accum_steps).backward()
+            # Under DDP gradients are averaged once per step, at the last micro-batch's backward.
+            accumulating = shard.world > 1 and micro < config.accum_steps - 1
+            with step_model.no_sync() if accumulating else contextlib.nullcontext():
+                with autocast:
+                    result = step_model(images)
+                scaler.scale(result["loss"] / config.accum_steps).backward()
             for key, value in result.items():
                 if value.ndim == 0:
                     losses[key] = losses.get(key, 0.0) + float(value.detach()) / config.accum_steps
