@@ -46,6 +46,8 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     manifest = full.split(config.split) if config.split else full
     device = _device(config.device)
     spec = model_spec(config.model)
+    if config.weights == "random":
+        torch.manual_seed(0)  # a random-weights baseline is the same network every time, so it can be resumed
     model = create(config.model, weights=config.weights).eval().to(device)
     pre = preprocessing(spec)
     metadata = {

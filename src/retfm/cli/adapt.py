@@ -13,7 +13,7 @@ def embed(
     data: Path = typer.Option(..., "--data", help="ingest folder or manifest file"),
     model: str = typer.Option(None, "--model", help="registry name (see `retfm models list`) or retfm checkpoint"),
     out: Path = typer.Option(..., "--out", help="embeddings Parquet file to write (resumed if it exists)"),
-    weights: str = typer.Option(None, "--weights", help="weights file, or 'random' [default: the model's source]"),
+    weights: str = typer.Option(None, "--weights", help="weights file, or 'random' (drawn from seed 0) [default: the model's source]"),
     batch_size: int = typer.Option(None, "--batch-size", help="images per forward pass [default: 4 on CPU, 64 on CUDA]"),
     device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
     precision: str = typer.Option(None, "--precision", help="fp32|bf16 [default: fp32]"),
