@@ -238,6 +238,7 @@ def test_brset_demographics_camera_and_conditions(tmp_path):
            "0,0,0,0,1,0,0,1,0,0,0,0,0,Inadequate\n"
            "img00004,2,NIKON NF5050,57,diabetes1,NA,no,2,1,no,Brazil,1,1,1,0,0,1,1,1,1,"
            "0,0,0,0,0,0,0,0,0,0,0,0,0,Adequate\n")
+    _write(root / "labels.csv", BRSET_HEADER)  # version 1.0.0's name: the newer labels_brset.csv wins
     for name in ("img00001", "img00002", "img00003"):
         _image(root / "fundus_photos" / f"{name}.jpg")
     report, table = _ingest(root, tmp_path / "out", "brset")

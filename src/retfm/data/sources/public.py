@@ -30,13 +30,17 @@ UNKNOWN_CLASS = "unknown_class"
 
 def _find(root: Path, description: str, *names: str, directory: bool = False, required: bool = True) -> Path | None:
     """The shallowest file (or folder) below ``root`` whose name matches one of ``names`` (fnmatch patterns,
-    ignoring case): the user may point at the dataset's folder or at any folder above it."""
+    ignoring case; at equal depth the earlier name wins): the user may point at the dataset's folder or at any
+    folder above it."""
     patterns = [name.lower() for name in names]
-    candidates = [p for p in root.rglob("*") if p.is_dir() == directory
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                  and any(fnmatch(p.name.lower(), pattern) for pattern in patterns)]
+    candidates = []
+    for path in root.rglob("*"):
+        order = next((i for i, pattern in enumerate(patterns) if fnmatch(path.name.lower(), pattern)), None)
+        parts = path.relative_to(root).parts
+        if order is not None and path.is_dir() == directory and not any(part.startswith(".") for part in parts):
+            candidates.append((len(parts), order, path.as_posix(), path))
     if candidates:
-        return min(candidates, key=lambda p: (len(p.relative_to(root).parts), p.as_posix()))
+        return min(candidates)[-1]
     if required:
         raise RetfmError(f"{root}: no {description} found (looked for {' or '.join(names)})")
     return None
