@@ -22,7 +22,8 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["auto", "imagefolder", "csv", "retinamnist", "dicom"] = "auto"
+    format: Literal["auto", "imagefolder", "csv", "retinamnist", "dicom", "retfound", "aptos2019", "idrid",
+                    "messidor2", "papila", "glaucoma_fundus", "jsiec", "brset", "odir5k"] = "auto"
     size: int = Field(512, ge=8, le=8192, description="side of the stored square image (never upscaled)")
     site: str = Field("site1", min_length=1, description="site name for sources without a site column")
     split: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train,val,test fractions")

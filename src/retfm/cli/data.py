@@ -16,9 +16,13 @@ app = typer.Typer(help="Data: phantom cohorts, ingestion, de-identification, sta
 
 @app.command()
 def ingest(
-    src: Path = typer.Argument(..., help="image folder, CSV, RetinaMNIST .npz or DICOM folder"),
+    src: Path = typer.Argument(..., help="image folder, CSV, RetinaMNIST .npz, DICOM folder or the folder of a "
+                                         "downloaded public dataset (with --format NAME)"),
     out: Path = typer.Option(..., "--out", help="output folder (manifest.parquet, images/, ingest_report.json)"),
-    format: str = typer.Option(None, "--format", help="auto|imagefolder|csv|retinamnist|dicom [default: auto]"),
+    format: str = typer.Option(None, "--format", help="auto, imagefolder, csv, retinamnist, dicom, or a public "
+                                                      "dataset in its published layout: retfound, aptos2019, idrid, "
+                                                      "messidor2, papila, glaucoma_fundus, jsiec, brset, odir5k "
+                                                      "(see docs/data.md) [default: auto]"),
     size: int = typer.Option(None, "--size", help="side of the stored square images [default: 512]"),
     site: str = typer.Option(None, "--site", help="site name when the source has no site column [default: site1]"),
     split: str = typer.Option(None, "--split", help="train,val,test fractions for sources without splits "

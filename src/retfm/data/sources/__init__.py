@@ -1,7 +1,8 @@
 """Where images come from. Each reader lists :class:`SourceItem` s; decoding happens later, in ingest's workers.
 
 Readers: ``imagefolder`` (RETFound ``train|val|test/<class>/*`` and flat ``<class>/*``), ``csv`` (a path column
-plus label and metadata columns), ``retinamnist`` (the MedMNIST ``.npz``), ``dicom`` (a folder of DICOM files).
+plus label and metadata columns), ``retinamnist`` (the MedMNIST ``.npz``), ``dicom`` (a folder of DICOM files), and
+one per public dataset in its published layout (``PUBLIC_FORMATS``, see :mod:`retfm.data.sources.public`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import numpy as np
 
 from retfm.errors import RetfmError
 
-FORMATS = ("auto", "imagefolder", "csv", "retinamnist", "dicom")
+PUBLIC_FORMATS = ("retfound", "aptos2019", "idrid", "messidor2", "papila", "glaucoma_fundus", "jsiec", "brset",
+                  "odir5k")
+FORMATS = ("auto", "imagefolder", "csv", "retinamnist", "dicom", *PUBLIC_FORMATS)
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
 
@@ -82,4 +85,10 @@ def list_source(src: Path, fmt: str, options) -> SourceListing:
         from retfm.data.sources.retinamnist import list_retinamnist
 
         return list_retinamnist(src)
+    if fmt in PUBLIC_FORMATS:
+        from retfm.data.sources.public import READERS
+
+        if not src.is_dir():
+            raise RetfmError(f"{src}: --format {fmt} reads the dataset's downloaded folder; this is not a folder")
+        return READERS[fmt](src, options)
     raise RetfmError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
