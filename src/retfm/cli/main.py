@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, models, pretrain
+from retfm.cli import adapt, data, evaluate, knowledge, models, pretrain
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -15,6 +15,7 @@ app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrai
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
+app.add_typer(knowledge.app, name="knowledge")
 app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)
 app.command()(adapt.probe)
