@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from retfm.config import EmbedConfig, IngestConfig, PretrainConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
-from retfm.pretrain.trainer import MixedData, _warmup_cosine
+from retfm.data.shards import ShardDataset, write_shards
+from retfm.errors import RetfmError
+from retfm.pretrain.trainer import MixedData, _warmup_cosine, pretrain
 
 TINY_MAE = ["--set", "objective_options={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}"]
 
@@ -92,7 +94,7 @@ def test_a_new_run_refuses_an_existing_folder_and_resume_needs_a_checkpoint(coho
 
 
 def test_mixed_data_follows_the_weights_and_is_a_function_of_seed_and_epoch(cohort, tmp_path):
-    config = PretrainConfig(objective="mae", data=[cohort, cohort], data_weights=[0.75, 0.25], model="tiny-vit",
+    config = PretrainConfig(objective="mae", data=[str(cohort), str(cohort)], data_weights=[0.75, 0.25], model="tiny-vit",
                             split=None)
     from retfm.data.datasets import Preprocessing
 
@@ -139,3 +141,74 @@ def test_two_processes_match_one_with_the_same_global_batch(cohort, tmp_path, ob
     assert len(set(losses[0])) == 6  # training moved: every step's loss differs
     card = json.loads((tmp_path / "two" / "model.json").read_text())
     assert card["images_seen"] == 48 * (1 if objective == "mae" else 2) and card["compute"]["processes"] == 2
+
+
+def test_streams_shards_and_resumes_a_crashed_run_to_the_same_weights(cohort, tmp_path):
+    """Shards instead of a manifest: 3 shards, batches of 3 across epoch ends, a crash after step 5 (checkpoints
+    every 2 steps) resumed from step 4 ends with the same weights and log as an uninterrupted run."""
+    index = write_shards(cohort, tmp_path / "shards", shard_size=6, split="train")
+    config = PretrainConfig(objective="mae", data=[str(tmp_path / "shards")], model="tiny-vit", steps=9,
+                            batch_size=3, workers=0, checkpoint_every=2, warmup_steps=2, log_every=1,
+                            shuffle_buffer=4, objective_options={"decoder_dim": 32, "decoder_depth": 1,
+                                                                 "decoder_heads": 2})
+    whole = pretrain(config, tmp_path / "whole")
+
+    class Crash(Exception):
+        pass
+
+    done = []
+
+    def crash_after_five(n):
+        done.append(n)
+        if len(done) == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pretrain(config, tmp_path / "cut", progress=crash_after_five)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["state"]["step"] == 4
+    resumed = pretrain(config, tmp_path / "cut", resume=True)
+    first, second = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    logs = [(tmp_path / run / "log.jsonl").read_text() for run in ("whole", "cut")]
+    assert logs[0].count("\n") == 9 and [json.loads(x)["loss"] for x in logs[0].splitlines()] == \
+        [json.loads(x)["loss"] for x in logs[1].splitlines()]
+    assert whole["images_seen"] == resumed["images_seen"] == 27
+    assert whole["data"] == [{"shards": 3, "images": index["total"],
+                              "source_manifest_sha256": index["source_manifest_sha256"]}]
+    assert max(json.loads(x)["epoch"] for x in logs[0].splitlines()) >= 1  # the stream went round again
+
+    with pytest.raises(RetfmError, match="split=null"):
+        pretrain(config.model_copy(update={"split": "val"}), tmp_path / "wrong-split")
+
+
+def test_every_rank_gets_the_same_number_of_whole_batches_from_shards(cohort, tmp_path):
+    """Shards of 5, 5, 5, 1 images over 2 ranks: whichever shards a rank draws, the epoch stops at the fewest
+    whole batches any rank and worker layout gives, so DDP processes never wait on one another."""
+    write_shards(cohort, tmp_path / "shards", shard_size=5, split=None)  # 24 images: 5, 5, 5, 5, 4
+    dataset = ShardDataset(tmp_path / "shards", seed=0)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for workers in (0, 1, 2):
+            per_rank = [sum(sum(dataset.counts[i] for i in dataset._shards_of(rank, 2)[w::max(workers, 1)]) // 2
+                            for w in range(max(workers, 1))) for rank in range(2)]
+            assert dataset.full_batches(2, workers, 2) == min(per_rank)
+    assert dataset.full_batches(5, 2, 2) == 2  # ranks hold 3 and 2 shards; the 4-image shard gives no batch
+
+
+def test_token_reconstruction_takes_a_teacher_from_the_registry_or_a_checkpoint(cohort, tmp_path):
+    from retfm.models import create, save_checkpoint, spec
+
+    torch.manual_seed(3)
+    teacher = create("tiny-vit", weights="random")
+    save_checkpoint(teacher, spec("tiny-vit"), tmp_path / "teacher.safetensors", name="teacher")
+    config = PretrainConfig(objective="token-reconstruction", data=[str(cohort)], model="tiny-vit", steps=1,
+                            batch_size=4, workers=0, teacher=str(tmp_path / "teacher.safetensors"))
+    from retfm.pretrain.trainer import build_objective
+
+    objective = build_objective(config, create("tiny-vit", weights="random"))
+    assert all(torch.equal(a, b) for a, b in zip(objective.teacher.state_dict().values(),
+                                                  teacher.state_dict().values()))
+    card = pretrain(config, tmp_path / "run")
+    assert card["teacher"] == str(tmp_path / "teacher.safetensors")
+    with pytest.raises(RetfmError, match="only token-reconstruction"):
+        build_objective(config.model_copy(update={"objective": "mae"}), create("tiny-vit", weights="random"))

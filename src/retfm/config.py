@@ -103,11 +103,16 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: Literal["mae", "token-reconstruction"]
-    data: list[Path] = Field(..., min_length=1, description="ingest folders (or manifest files)")
+    data: list[str] = Field(..., min_length=1, description="ingest folders or manifest files (mixed by weight), "
+                                                          "or one set of shards: folder, brace pattern or URL")
     data_weights: list[float] | None = Field(None, description="sampling share of each --data (default: by size)")
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
+    shuffle_buffer: int = Field(1000, ge=0, description="shards: mix samples from this many recent reads")
     model: str = Field(..., description="registry name or retfm checkpoint: the architecture and preprocessing")
     init: str | None = Field(None, description="initial weights: a file, or null for random initialisation")
+    teacher: str | None = Field(None, description="token-reconstruction: the frozen teacher, a registry name or "
+                                                   "retfm checkpoint with its own weights (default: a copy of the "
+                                                   "student's initial weights)")
     image_size: int | None = Field(None, ge=16, description="default: the model's input size")
     objective_options: dict = Field(default_factory=dict, description="keyword arguments of the objective")
     steps: int = Field(1000, ge=1, description="optimiser steps")

@@ -11,7 +11,8 @@ from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, std
 
 def pretrain(
     objective: str = typer.Option(None, "--objective", help="mae|token-reconstruction"),
-    data: list[Path] = typer.Option(None, "--data", help="ingest folder or manifest (repeatable: mixed)"),
+    data: list[str] = typer.Option(None, "--data", help="ingest folder or manifest (repeatable: mixed), or shards "
+                                                        "from `retfm data shard` (folder, brace pattern or URL)"),
     data_weights: str = typer.Option(None, "--data-weights", help="sampling shares of the --data, e.g. 0.7,0.3 "
                                                                   "[default: by size]"),
     model: str = typer.Option(None, "--model", help="architecture: registry name or retfm checkpoint"),

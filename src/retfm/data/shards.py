@@ -195,7 +195,8 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: str | PathLike | Sequence[str | PathLike], transform=None, seed: int | None = 0,
                  shuffle_buffer: int = 0, label: str | None = None, shuffle_shards: bool = True,
                  group_columns: Sequence[str] = GROUP_COLUMNS):
-        self.urls, index = _resolve_shards(urls)
+        self.urls, self.index = _resolve_shards(urls)
+        index = self.index
         self.counts: list[int] | None = None
         self.labelled: list[dict] | None = None
         if index is not None:
@@ -230,7 +231,9 @@ class ShardDataset(IterableDataset):
         return self._node or pytorch_worker_info()[:2]
 
     def _shards_of_this_rank(self) -> list[int]:
-        rank, world = self._rank_and_world()
+        return self._shards_of(*self._rank_and_world())
+
+    def _shards_of(self, rank: int, world: int) -> list[int]:
         if world > len(self.urls):
             raise RetfmError(f"{self.urls[0]}: {len(self.urls)} shard(s) for {world} ranks would leave a rank "
                              f"without data; write more, smaller shards (--shard-size)")
@@ -248,6 +251,16 @@ class ShardDataset(IterableDataset):
         if not all(self.label in labelled for labelled in self.labelled):
             raise TypeError(f"{self.urls[0]}: index.json does not count non-null {self.label!r} values")
         return sum(self.labelled[i][self.label] for i in self._shards_of_this_rank())
+
+    def full_batches(self, batch_size: int, workers: int, world: int) -> int:
+        """The fewest whole batches any rank gets this epoch from a DataLoader with ``workers`` workers and
+        ``drop_last`` (each worker drops its own remainder): the steps an epoch can take in step on every rank."""
+        if self.counts is None or self.label is not None:
+            raise RetfmError(f"{self.urls[0]}: batches per rank need {INDEX_FILENAME}'s sample counts")
+        readers = max(workers, 1)
+        return min(sum(sum(self.counts[i] for i in shards[worker::readers]) // batch_size
+                       for worker in range(readers))
+                   for shards in (self._shards_of(rank, world) for rank in range(world)))
 
     def __iter__(self) -> Iterator[dict]:
         shards = list(split_by_worker(iter(self._shards_of_this_rank())))

@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from retfm import __version__
 from retfm.config import PretrainConfig, save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, train_transform
-from retfm.data.manifest import Manifest
+from retfm.data.manifest import MANIFEST_FILENAME, Manifest
+from retfm.data.shards import INDEX_FILENAME, ShardDataset
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import create, save_checkpoint
@@ -75,7 +76,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
     objective = build_objective(config, backbone).to(device).train()
     objective.shard = shard
-    data = MixedData(config, Preprocessing(size, spec.mean, spec.std))
+    data = open_data(config, Preprocessing(size, spec.mean, spec.std))
 
     images_per_step = config.batch_size * config.accum_steps * shard.world
     lr = config.blr * images_per_step / 256
@@ -117,6 +118,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         total(config.steps)
     if progress and state["step"]:
         progress(state["step"])
+    tensorboard = _tensorboard_writer(out) if shard.rank == 0 else None
     batches = data.batches(state["epoch"], state["batch_in_epoch"], config.batch_size, config.workers, shard)
     started = time.perf_counter() - state["seconds"]
     window = (time.perf_counter(), state["images_seen"])
@@ -158,11 +160,17 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
             if shard.rank == 0:
                 with open(out / LOG_FILENAME, "a") as log:
                     log.write(json.dumps(record) + "\n")
+                if tensorboard is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            tensorboard.add_scalar(key, value, record["step"])
             if on_log:
                 on_log(record)
         if shard.rank == 0 and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps):
             _save_checkpoint(checkpoint_path, config, objective, optimiser, schedule, scaler, ema, state, device)
 
+    if tensorboard is not None:
+        tensorboard.close()
     final = ema.module if ema is not None else objective.backbone
     if shard.world > 1:
         torch.distributed.destroy_process_group()
@@ -170,7 +178,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         "name": f"{spec.name}-{config.objective}",
         "description": f"{spec.name} pretrained by retfm with {config.objective}",
         "objective": config.objective, "objective_options": config.objective_options,
-        "init": config.init or "random", "data": data.summary(), "steps": state["step"],
+        "init": config.init or "random", "teacher": config.teacher, "data": data.summary(), "steps": state["step"],
         "images_seen": state["images_seen"], "ema": config.ema,
         "compute": {"training_flops_estimate": flops_per_image * state["images_seen"], "processes": shard.world,
                     "device": str(device), "device_hours": round(shard.world * state["seconds"] / 3600, 5),
@@ -183,6 +191,68 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
+
+def open_data(config: PretrainConfig, pre: Preprocessing) -> MixedData | ShardStream:
+    """Manifests (``retfm data ingest`` folders) are mixed by weight; shards (``retfm data shard`` folders,
+    brace patterns, fsspec URLs) are streamed, so a corpus never needs a manifest scan."""
+    streamed = [is_shards(source) for source in config.data]
+    if not any(streamed):
+        return MixedData(config, pre)
+    if len(config.data) > 1:
+        raise RetfmError(f"{config.data[0]}: shards stream as the only --data; to mix corpora, shard them together "
+                         f"(or mix their manifests)")
+    return ShardStream(config, pre)
+
+
+def is_shards(source: str) -> bool:
+    """Shards, not a manifest: a URL, a brace pattern, a .tar, or a folder with a shard index and no manifest."""
+    if "://" in source or "{" in source or source.endswith(".tar"):
+        return True
+    folder = Path(source)
+    return folder.is_dir() and (folder / INDEX_FILENAME).is_file() and not (folder / MANIFEST_FILENAME).exists()
+
+
+class ShardStream:
+    """Batches streamed from WebDataset shards. Shards go to ranks, then to loader workers; an epoch's order is a
+    function of (seed, epoch), so a resumed run re-reads (without training on) the batches it had done. Under
+    several processes every rank stops the epoch after the same number of batches (from the index's counts)."""
+
+    def __init__(self, config: PretrainConfig, pre: Preprocessing):
+        source = config.data[0]
+        self.seed = config.seed
+        self.dataset = ShardDataset(source, train_transform(pre), seed=config.seed,
+                                    shuffle_buffer=config.shuffle_buffer, group_columns=())
+        index = self.dataset.index or {}
+        if config.split and index.get("split") != config.split:
+            raise RetfmError(f"{source}: the shards hold split {index.get('split')!r}, the run wants "
+                             f"{config.split!r}; write them with `retfm data shard --split {config.split}` or "
+                             f"pass --set split=null")
+        self.source = {"shards": len(self.dataset.urls), "images": index.get("total"),
+                       "source_manifest_sha256": index.get("source_manifest_sha256")}
+
+    def batches(self, epoch: int, batch_in_epoch: int, batch_size: int, workers: int,
+                shard: BatchShard = BatchShard()):
+        while True:
+            self.dataset.set_epoch(epoch)
+            limit = self.dataset.full_batches(batch_size, workers, shard.world) if shard.world > 1 else None
+            # A loader draws its workers' base seed from its generator; from torch's global one (masks, noise)
+            # without it, which would make a resumed run differ.
+            loader = DataLoader(self.dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
+                                generator=torch.Generator().manual_seed(self.seed + epoch), persistent_workers=False)
+            for done, batch in enumerate(loader):
+                if done == limit:
+                    break
+                if done >= batch_in_epoch:
+                    batch_in_epoch += 1
+                    yield batch, epoch, batch_in_epoch
+            if batch_in_epoch == 0:
+                raise RetfmError(f"{self.dataset.urls[0]}: the shards hold fewer than one batch of {batch_size} "
+                                 f"images per process and loader worker")
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    def summary(self) -> list[dict]:
+        return [self.source]
+
 
 class MixedData:
     """One or more manifests sampled by weight; an epoch's order is a pure function of (seed, epoch)."""
@@ -273,8 +343,8 @@ class _Slice(Sampler):
         return len(self.indices)
 
 
-def _manifest_file(path: Path) -> Path:
-    return path / "manifest.parquet" if Path(path).is_dir() else Path(path)
+def _manifest_file(path: str) -> Path:
+    return Path(path) / MANIFEST_FILENAME if Path(path).is_dir() else Path(path)
 
 
 # ---- model and optimisation -------------------------------------------------------------------------------------
@@ -283,10 +353,15 @@ def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.
     from retfm.pretrain.mae import MAE
     from retfm.pretrain.token_reconstruction import TokenReconstruction
 
+    if config.teacher and config.objective != "token-reconstruction":
+        raise RetfmError(f"teacher {config.teacher!r}: only token-reconstruction has a teacher")
     try:
         if config.objective == "mae":
             return MAE(backbone, **config.objective_options)
-        return TokenReconstruction(backbone, **config.objective_options)
+        teacher = None
+        if config.teacher:
+            teacher = create(config.teacher, img_size=backbone.patch_embed.img_size[0])
+        return TokenReconstruction(backbone, teacher=teacher, **config.objective_options)
     except TypeError as exc:
         raise RetfmError(f"objective_options for {config.objective}: {exc}") from None
 
@@ -342,6 +417,16 @@ def _mean_over_processes(losses: dict[str, float], shard: BatchShard) -> dict[st
     values = torch.tensor(list(losses.values()), dtype=torch.float64)
     torch.distributed.all_reduce(values)
     return dict(zip(losses, (values / shard.world).tolist()))
+
+
+def _tensorboard_writer(out: Path):
+    """TensorBoard event files in ``OUT/tensorboard`` when tensorboard is installed; log.jsonl is always written.
+    A resumed run appends: TensorBoard shows the latest value of a step that was run twice."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _truncate_log(path: Path, step: int) -> None:
