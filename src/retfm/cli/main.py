@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, models, pretrain
+from retfm.cli import adapt, data, evaluate, models, pretrain, retrieve
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -15,10 +15,12 @@ app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrai
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
+app.add_typer(retrieve.index_app, name="index")
 app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)
 app.command()(adapt.probe)
 app.command()(pretrain.pretrain)
+app.command()(retrieve.retrieve)
 
 
 def _version(value: bool) -> None:
