@@ -40,8 +40,10 @@ IDENTITY_KEYS = ("retfm.model", "retfm.weights_sha256", "retfm.preprocessing")
 
 
 def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], None] | None = None,
-          total: Callable[[int], None] | None = None) -> dict:
-    """Embed every image of the manifest in ``data`` (or one split) into ``out``; returns a summary dict."""
+          total: Callable[[int], None] | None = None,
+          check_identity: Callable[[dict[str, str]], None] | None = None) -> dict:
+    """Embed every image of the manifest in ``data`` (or one split) into ``out``; returns a summary dict.
+    ``check_identity(metadata)`` may refuse the loaded model (by raising) before any image is embedded."""
     full = Manifest.read(data)
     manifest = full.split(config.split) if config.split else full
     device = _device(config.device)
@@ -60,6 +62,8 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
         "retfm.manifest_sha256": file_sha256(data / MANIFEST_FILENAME if Path(data).is_dir() else data),
         "retfm.version": __version__,
     }
+    if check_identity:
+        check_identity(metadata)
     parts = out.with_name(out.name + ".parts")
     done = _finished_ids(out, parts, metadata)
     todo = manifest.table[~manifest.table["image_id"].isin(done)].reset_index(drop=True)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, knowledge, models, pretrain
+from retfm.cli import adapt, data, evaluate, knowledge, models, pretrain, retrieve
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -16,10 +16,12 @@ app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrai
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(knowledge.app, name="knowledge")
+app.add_typer(retrieve.index_app, name="index")
 app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)
 app.command()(adapt.probe)
 app.command()(pretrain.pretrain)
+app.command()(retrieve.retrieve)
 
 
 def _version(value: bool) -> None:
