@@ -12,7 +12,8 @@ from retfm.cli.common import console
 from retfm.errors import RetfmError
 
 app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrain, federate, adapt, evaluate, serve.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None)  # help texts are plain: "[default: 64]" must not be read as markup
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(knowledge.app, name="knowledge")
