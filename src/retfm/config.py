@@ -158,6 +158,56 @@ class IndexConfig(BaseModel):
     ef_search: int = Field(64, ge=1, description="hnsw: candidates kept while searching")
 
 
+class FinetuneConfig(BaseModel):
+    """Options of ``retfm finetune`` (see docs/finetune.md); defaults are RETFound's fine-tuning recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(..., description="ingest folder or manifest file with train/val/test splits")
+    model: str = Field(..., description="registry name or retfm checkpoint")
+    weights: str | None = Field(None, description="weights file, 'random', or none for the model's own weights")
+    label: str
+    adaptation: Literal["full", "linear", "lora"] = "full"
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of training patients kept, by label")
+    train_sites: list[str] | None = Field(None, description="train and validate on these sites only")
+    test_sites: list[str] | None = Field(None, description="test on these sites only")
+    task: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
+    by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
+    epochs: int = Field(50, ge=1)
+    warmup_epochs: int = Field(5, ge=0)
+    patience: int = Field(10, ge=1, description="stop after this many epochs without a better validation score")
+    select_metric: str = Field("auroc", description="validation metric that picks the best epoch, or 'loss'")
+    batch_size: int = Field(16, ge=1)
+    accum_steps: int = Field(1, ge=1)
+    blr: float = Field(5e-3, gt=0, description="base learning rate; lr = blr * images per step / 256")
+    min_lr: float = Field(1e-6, ge=0)
+    layer_decay: float = Field(0.65, gt=0, le=1, description="layer-wise lr decay (full fine-tuning)")
+    weight_decay: float = Field(0.05, ge=0)
+    drop_path: float = Field(0.2, ge=0, lt=1)
+    clip_grad: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0: off)")
+    randaugment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment spec; null: off")
+    random_erasing: float = Field(0.25, ge=0, le=1)
+    balanced_sampling: bool = Field(False, description="draw training images with equal weight per class")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(["qkv"], description="module names that get LoRA adapters")
+    image_size: int | None = Field(None, ge=16, description="default: the model's input size")
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0)
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+
+    @field_validator("by", "train_sites", "test_sites", "lora_targets", mode="before")
+    @classmethod
+    def _parse_list(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
 def parse_set(assignment: str) -> tuple[list[str], object]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists work)."""
     key, sep, raw = assignment.partition("=")

@@ -17,30 +17,24 @@ Test rows are predicted and evaluated. Rows with a null label are excluded and c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from sklearn.metrics import log_loss, roc_curve
+from sklearn.metrics import log_loss
 from sklearn.model_selection import GroupShuffleSplit
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.utils.class_weight import compute_class_weight
 
 from retfm.adapt.embeddings import read_embeddings
+from retfm.adapt.predictions import resolve_task, write_results, youden_threshold
 from retfm.config import ProbeConfig, save_config
-from retfm.data.manifest import GROUP_COLUMNS
 from retfm.errors import RetfmError
-from retfm.evaluate import evaluate_predictions, write_report
 from retfm.hashing import file_sha256
 
 C_GRID = tuple(np.logspace(-4, 2, 7))
 K_GRID = (5, 10, 20, 50)
-ORDINAL_LABELS = ("dr_grade",)  # graded scales: quadratic kappa is their headline agreement measure
-PREDICTIONS_FILENAME = "predictions.parquet"
 
 
 def probe(embeddings: Path, out: Path, config: ProbeConfig) -> dict:
@@ -64,10 +58,7 @@ def probe(embeddings: Path, out: Path, config: ProbeConfig) -> dict:
         raise RetfmError(f"{embeddings}: needs rows with split=train and split=test for {label!r}")
     if not val.any() or len(np.unique(y[val])) < 2:
         train, val = _hold_out(table, train, y, config.seed)
-    task = config.task if config.task != "auto" else (
-        "binary" if len(classes) == 2 else "ordinal" if label in ORDINAL_LABELS else "multiclass")
-    if task == "binary" and len(classes) != 2:
-        raise RetfmError(f"--task binary: label {label!r} has {len(classes)} classes")
+    task = resolve_task(config.task, label, classes)
 
     weights = None
     if config.class_weight == "balanced":
@@ -81,22 +72,14 @@ def probe(embeddings: Path, out: Path, config: ProbeConfig) -> dict:
     head = LogisticHead(config.seed) if config.head == "logreg" else KnnHead()
     choice = head.fit(vectors[train], y[train], vectors[val], y[val], len(classes),
                       None if weights is None else weights[train], None if weights is None else weights[val])
-    threshold = _youden_threshold(y[val], head.predict_proba(vectors[val])[:, 1]) if task == "binary" else None
+    threshold = youden_threshold(y[val], head.predict_proba(vectors[val])[:, 1]) if task == "binary" else None
 
-    probabilities = head.predict_proba(vectors[test])
-    predictions = _predictions_table(table[test], label, classes, probabilities, threshold)
     meta = {"embeddings_sha256": file_sha256(embeddings), "model": source_meta.get("retfm.model"),
             "weights_sha256": source_meta.get("retfm.weights_sha256"), "head": config.head, **choice,
             "train_rows": int(train.sum()), "selection_rows": int(val.sum()), "seed": config.seed,
             "config": config.model_dump(mode="json")}
-    out.mkdir(parents=True, exist_ok=True)
-    class_names = [str(c) for c in classes]
-    _write_predictions(out / PREDICTIONS_FILENAME, predictions, label, class_names, task, threshold, meta)
-    result = evaluate_predictions(predictions, label, class_names, task, threshold=0.5 if threshold is None
-                                  else threshold, by=config.by, n_boot=config.bootstrap, seed=config.seed, meta=meta)
-    result["n_excluded_null_label"] = excluded
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    write_report(result, predictions, label, out)
+    result = write_results(out, table[test], label, classes, head.predict_proba(vectors[test]), task, threshold,
+                           meta, config.by, config.bootstrap, config.seed, excluded)
     save_config(config, out / "probe_config.yaml")
     return result
 
@@ -219,40 +202,3 @@ def _hold_out(table: pd.DataFrame, train: np.ndarray, y: np.ndarray, seed: int) 
     new_train, new_val = np.zeros_like(train), np.zeros_like(train)
     new_train[index[fit]], new_val[index[chosen]] = True, True
     return new_train, new_val
-
-
-def _youden_threshold(y: np.ndarray, positive: np.ndarray) -> float:
-    """The probability threshold maximising sensitivity + specificity on the validation rows (0.5 if undefined)."""
-    if len(np.unique(y)) < 2:
-        return 0.5
-    fpr, tpr, thresholds = roc_curve(y, positive)
-    return float(np.clip(thresholds[int(np.argmax(tpr - fpr))], 0, 1))
-
-
-def _predictions_table(rows: pd.DataFrame, label: str, classes: list, probabilities: np.ndarray,
-                       threshold: float | None) -> pd.DataFrame:
-    if threshold is None:
-        predicted = np.argmax(probabilities, axis=1)
-    else:
-        predicted = (probabilities[:, 1] >= threshold).astype(int)
-    table = pd.DataFrame({"image_id": rows["image_id"].to_numpy(), label: rows[label].to_numpy(),
-                          "prediction": np.asarray(classes, dtype=object)[predicted]})
-    table["prediction"] = table["prediction"].astype(rows[label].dtype)
-    for i, c in enumerate(classes):
-        table[f"prob_{c}"] = probabilities[:, i]
-    for column in ("patient_id", *GROUP_COLUMNS):
-        if column in rows:
-            table[column] = rows[column].to_numpy()
-    return table
-
-
-def _write_predictions(path: Path, table: pd.DataFrame, label: str, classes: list[str], task: str,
-                       threshold: float | None, meta: dict) -> None:
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    extra = {"retfm.label": label, "retfm.classes": json.dumps(classes), "retfm.task": task,
-             "retfm.meta": json.dumps(meta, default=str)}
-    if threshold is not None:
-        extra["retfm.threshold"] = repr(threshold)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
-                                           **{k.encode(): v.encode() for k, v in extra.items()}})
-    pq.write_table(arrow, path)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, knowledge, models, pretrain, retrieve
+from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -22,6 +22,7 @@ app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)
 app.command()(adapt.probe)
 app.command()(pretrain.pretrain)
+app.command()(finetune.finetune)
 app.command()(retrieve.retrieve)
 
 

@@ -42,3 +42,23 @@ def assign_splits(groups: pd.Series, fractions: tuple[float, float, float], seed
             decided[group] = SPLITS[choice]
             counts[choice] += sizes[group]
     return pd.Series([decided[g] for g in frame["group"]], index=groups.index, dtype="string")
+
+
+def label_fraction_subset(table: pd.DataFrame, label: str, fraction: float, seed: int) -> pd.DataFrame:
+    """Keep ``fraction`` of the patients (images without a patient id count as their own), stratified by each
+    patient's most common label, at least one per label. A seed fixes one order of patients per stratum and a
+    fraction takes its head, so smaller fractions are subsets of larger ones."""
+    if fraction >= 1:
+        return table
+    groups = (table["patient_id"].astype("string").fillna(table["image_id"].astype("string"))
+              if "patient_id" in table else table["image_id"].astype("string")).astype(str)
+    frame = pd.DataFrame({"group": groups.to_numpy(), "label": table[label].astype(str).to_numpy()})
+    stratum = frame.groupby("group")["label"].agg(lambda v: sorted(v.value_counts().items(),
+                                                                   key=lambda kv: (-kv[1], kv[0]))[0][0])
+    rng = np.random.default_rng(seed)
+    kept: set[str] = set()
+    for value in sorted(stratum.unique()):
+        members = sorted(stratum.index[stratum == value])
+        order = rng.permutation(len(members))
+        kept.update(members[i] for i in order[:max(1, round(fraction * len(members)))])
+    return table[groups.isin(kept).to_numpy()].reset_index(drop=True)
