@@ -91,7 +91,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     train_rows = label_fraction_subset(train_rows, config.label, config.label_fraction, config.seed)
     code = {c: i for i, c in enumerate(classes)}
     train_rows[CLASS_COLUMN] = train_rows[config.label].map(code).astype(int)
-    train_set = ManifestDataset(Manifest(train_rows, manifest_root), _SeedsPythonRandom(_train_transform(config, pre)),
+    train_set = ManifestDataset(Manifest(train_rows, manifest_root), _SeedsTimmRandom(_train_transform(config, pre)),
                                 label=CLASS_COLUMN, seed=config.seed, group_columns=(), decode_size=pre.size)
     steps_per_epoch = len(train_set) // (config.batch_size * config.accum_steps)
     if steps_per_epoch == 0:
@@ -225,20 +225,24 @@ def _train_transform(config: FinetuneConfig, pre) -> Callable:
                             mean=pre.mean, std=pre.std, color_jitter=None)
 
 
-class _SeedsPythonRandom:
-    """timm's RandAugment draws from Python's ``random``; the dataset seeds torch per (seed, epoch, image), so seed
-    ``random`` from torch: augmentations then repeat exactly on resume, whatever the loader workers."""
+class _SeedsTimmRandom:
+    """timm's RandAugment draws from Python's ``random`` and numpy's global generator; the dataset seeds torch per
+    (seed, epoch, image), so seed both from torch: augmentations then repeat exactly on resume, whatever the loader
+    workers, and the callers' generators are left as they were."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
 
     def __call__(self, image):
-        state = random.getstate()
-        random.seed(int(torch.randint(2**62, ())))
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        seed = int(torch.randint(2**31, ()))
+        random.seed(seed)
+        np.random.seed(seed)
         try:
             return self.transform(image)
         finally:
-            random.setstate(state)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _sampler(dataset: ManifestDataset, config: FinetuneConfig, epoch: int):
