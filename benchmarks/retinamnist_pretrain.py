@@ -6,7 +6,7 @@ from random weights (its teacher is then a random network); token reconstruction
 (RETFound-Green's recipe: continue from a pretrained model, the teacher being that model). Reported: test macro
 AUROC with its 95% bootstrap CI, quadratic kappa, and the CPU minutes of each pretraining.
 
-    python benchmarks/retinamnist_pretrain.py [--npz ../shared/data/retinamnist.npz] [--steps 1500] [--out DIR]
+    python benchmarks/retinamnist_pretrain.py [--npz ../shared/data/retinamnist.npz] [--steps 400] [--tr-steps N]
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def probe(work: Path, name: str, model: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--tr-steps", type=int, help="steps of the token-reconstruction runs [default: --steps]")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=HERE / "_work" / "retinamnist")
     args = parser.parse_args()
@@ -51,12 +52,13 @@ def main() -> None:
     common = ["--data", str(work / "cohort"), "--model", "vit-tiny-p4", "--steps", str(args.steps),
               "--batch-size", str(args.batch_size), "--workers", "1", "--set", "warmup_steps=100",
               "--set", "checkpoint_every=500"]
+    tr_steps = ["--steps", str(args.tr_steps or args.steps)]
     runs = {"mae": ["--objective", "mae", "--set", "blr=1.5e-3",
                     "--set", "objective_options={decoder_dim: 128, decoder_depth: 2, decoder_heads: 4}"],
-            "token-reconstruction": ["--objective", "token-reconstruction", "--set", "blr=1.5e-3"],
-            "mae+token-reconstruction": ["--objective", "token-reconstruction", "--set", "blr=5e-4",
+            "token-reconstruction": ["--objective", "token-reconstruction", "--set", "blr=1.5e-3", *tr_steps],
+            "mae+token-reconstruction": ["--objective", "token-reconstruction", "--set", "blr=5e-4", *tr_steps,
                                          "--init", str(work / "mae" / "model.safetensors")]}
-    results = {"steps": args.steps, "batch_size": args.batch_size,
+    results = {"steps": args.steps, "tr_steps": args.tr_steps or args.steps, "batch_size": args.batch_size,
                "random": {**probe(work, "random", ["--model", "vit-tiny-p4", "--weights", "random"]), "pretrain_cpu_minutes": 0.0}}
     for name, options in runs.items():
         out = work / name

@@ -177,6 +177,11 @@ def test_streams_shards_and_resumes_a_crashed_run_to_the_same_weights(cohort, tm
     assert whole["data"] == [{"shards": 3, "images": index["total"],
                               "source_manifest_sha256": index["source_manifest_sha256"]}]
     assert max(json.loads(x)["epoch"] for x in logs[0].splitlines()) >= 1  # the stream went round again
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 10))
 
     with pytest.raises(RetfmError, match="split=null"):
         pretrain(config.model_copy(update={"split": "val"}), tmp_path / "wrong-split")
