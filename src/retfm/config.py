@@ -102,7 +102,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    objective: Literal["mae", "token-reconstruction"]
+    objective: Literal["mae", "token-reconstruction", "clip"]
     data: list[str] = Field(..., min_length=1, description="ingest folders or manifest files (mixed by weight), "
                                                           "or one set of shards: folder, brace pattern or URL")
     data_weights: list[float] | None = Field(None, description="sampling share of each --data (default: by size)")

@@ -76,7 +76,8 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
     objective = build_objective(config, backbone).to(device).train()
     objective.shard = shard
-    data = open_data(config, Preprocessing(size, spec.mean, spec.std))
+    tokenizer = objective.tokenizer() if hasattr(objective, "tokenizer") else None
+    data = open_data(config, Preprocessing(size, spec.mean, spec.std), tokenizer)
 
     images_per_step = config.batch_size * config.accum_steps * shard.world
     lr = config.blr * images_per_step / 256
@@ -127,11 +128,12 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         for micro in range(config.accum_steps):
             batch, state["epoch"], state["batch_in_epoch"] = next(batches)
             images = batch["image"].to(device, non_blocking=True)
+            inputs = (images, batch["text"].to(device)) if "text" in batch else (images,)
             # Under DDP gradients are averaged once per step, at the last micro-batch's backward.
             accumulating = shard.world > 1 and micro < config.accum_steps - 1
             with step_model.no_sync() if accumulating else contextlib.nullcontext():
                 with autocast:
-                    result = step_model(images)
+                    result = step_model(*inputs)
                 scaler.scale(result["loss"] / config.accum_steps).backward()
             for key, value in result.items():
                 if value.ndim == 0:
@@ -187,17 +189,22 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     }
     if shard.rank == 0:
         save_checkpoint(final.cpu(), spec, out / MODEL_FILENAME, **card)
+        if hasattr(objective, "export"):  # image-text models also write both towers
+            objective.export(out, final, card)
     return card
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
 
-def open_data(config: PretrainConfig, pre: Preprocessing) -> MixedData | ShardStream:
+def open_data(config: PretrainConfig, pre: Preprocessing, tokenizer=None) -> MixedData | ShardStream:
     """Manifests (``retfm data ingest`` folders) are mixed by weight; shards (``retfm data shard`` folders,
-    brace patterns, fsspec URLs) are streamed, so a corpus never needs a manifest scan."""
+    brace patterns, fsspec URLs) are streamed, so a corpus never needs a manifest scan. Image-text objectives
+    (with a ``tokenizer``) get each image's tokenised text too."""
     streamed = [is_shards(source) for source in config.data]
     if not any(streamed):
-        return MixedData(config, pre)
+        return MixedData(config, pre, tokenizer)
+    if tokenizer is not None:
+        raise RetfmError(f"{config.data[0]}: image-text pretraining reads manifests, not shards")
     if len(config.data) > 1:
         raise RetfmError(f"{config.data[0]}: shards stream as the only --data; to mix corpora, shard them together "
                          f"(or mix their manifests)")
@@ -257,7 +264,7 @@ class ShardStream:
 class MixedData:
     """One or more manifests sampled by weight; an epoch's order is a pure function of (seed, epoch)."""
 
-    def __init__(self, config: PretrainConfig, pre: Preprocessing):
+    def __init__(self, config: PretrainConfig, pre: Preprocessing, tokenizer=None):
         self.seed = config.seed
         self.datasets: list[ManifestDataset] = []
         self.sources: list[dict] = []
@@ -267,8 +274,13 @@ class MixedData:
                 manifest = manifest.split(config.split)
             if not len(manifest.table):
                 raise RetfmError(f"{path}: no images in split {config.split!r}")
-            self.datasets.append(ManifestDataset(manifest, train_transform(pre), seed=config.seed, group_columns=(),
-                                                 decode_size=pre.size))
+            dataset = ManifestDataset(manifest, train_transform(pre), seed=config.seed, group_columns=(),
+                                      decode_size=pre.size)
+            if tokenizer is not None:
+                from retfm.pretrain.clip import Captions
+
+                dataset = CaptionedDataset(dataset, Captions(dataset.table, tokenizer, config.seed, path))
+            self.datasets.append(dataset)
             self.sources.append({"manifest_sha256": file_sha256(_manifest_file(path)), "images": len(manifest.table),
                                  "sites": sorted(manifest.table["site"].astype(str).unique().tolist())})
         sizes = np.array([len(d) for d in self.datasets], dtype=float)
@@ -320,6 +332,22 @@ class MixedData:
         return self.sources
 
 
+class CaptionedDataset(Dataset):
+    """A manifest dataset whose items also carry their tokenised text (``"text"``)."""
+
+    def __init__(self, dataset: ManifestDataset, captions):
+        self.dataset, self.captions = dataset, captions
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "text": self.captions.tokens(index, self.dataset.epoch)}
+
+
 class _Concat(Dataset):
     def __init__(self, datasets: list[ManifestDataset], offsets: np.ndarray):
         self.datasets, self.offsets = datasets, offsets
@@ -350,6 +378,7 @@ def _manifest_file(path: str) -> Path:
 # ---- model and optimisation -------------------------------------------------------------------------------------
 
 def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+    from retfm.pretrain.clip import CLIP
     from retfm.pretrain.mae import MAE
     from retfm.pretrain.token_reconstruction import TokenReconstruction
 
@@ -358,6 +387,8 @@ def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.
     try:
         if config.objective == "mae":
             return MAE(backbone, **config.objective_options)
+        if config.objective == "clip":
+            return CLIP(backbone, **config.objective_options)
         teacher = None
         if config.teacher:
             teacher = create(config.teacher, img_size=backbone.patch_embed.img_size[0])
@@ -392,10 +423,12 @@ def _warmup_cosine(config: PretrainConfig, lr: float) -> Callable[[int], float]:
 def _training_flops_per_image(objective: torch.nn.Module, size: int, device: torch.device) -> int:
     """Forward FLOPs of one image counted by torch, times 3 for the backward pass (the usual estimate).
     The global RNG is left as it was, so counting does not change the run."""
+    example = (objective.example_inputs(size, device) if hasattr(objective, "example_inputs")
+               else (torch.zeros(1, 3, size, size, device=device),))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         counter = FlopCounterMode(display=False)
         with counter:
-            objective(torch.zeros(1, 3, size, size, device=device))
+            objective(*example)
     return 3 * counter.get_total_flops()
 
 
