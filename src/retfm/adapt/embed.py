@@ -13,6 +13,7 @@ float32) and the manifest's split, site, patient, group and label columns; schem
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -33,7 +34,7 @@ from retfm.data.datasets import ManifestDataset, eval_transform
 from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
-from retfm.models import create, preprocessing, spec as model_spec
+from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
 
 PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
 IDENTITY_KEYS = ("retfm.model", "retfm.weights_sha256", "retfm.preprocessing")
@@ -47,10 +48,8 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     full = Manifest.read(data)
     manifest = full.split(config.split) if config.split else full
     device = _device(config.device)
-    spec = model_spec(config.model)
-    if config.weights == "random":
-        torch.manual_seed(0)  # a random-weights baseline is the same network every time, so it can be resumed
-    model = create(config.model, weights=config.weights).eval().to(device)
+    spec, model = _encoder(config)
+    model = model.eval().to(device)
     pre = preprocessing(spec)
     metadata = {
         "retfm.model": spec.name,
@@ -81,6 +80,21 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     table = _finish(out, parts, full, metadata)
     return {"images": len(table), "embedded_now": len(todo), "resumed": len(done), "embed_dim": spec.embed_dim,
             "out": str(out)}
+
+
+def _encoder(config: EmbedConfig) -> tuple[ModelSpec, torch.nn.Module]:
+    """The model's spec and its image encoder: a registry backbone's pooled features, or an image-text model's
+    image tower (vectors in the space its texts share)."""
+    from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
+
+    if is_clip_run(config.model):
+        clip, card = load_clip(config.model)
+        folder = Path(config.model) if Path(config.model).is_dir() else Path(config.model).parent
+        spec = dataclasses.replace(model_spec(folder / card["image_tower"]), embed_dim=clip.embed_dim)
+        return spec, ImageTower(clip)
+    if config.weights == "random":
+        torch.manual_seed(0)  # a random-weights baseline is the same network every time, so it can be resumed
+    return model_spec(config.model), create(config.model, weights=config.weights)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

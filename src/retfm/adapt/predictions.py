@@ -35,9 +35,10 @@ def resolve_task(task: str, label: str, classes: list) -> str:
 
 def write_results(out: Path, rows: pd.DataFrame, label: str, classes: list, probabilities: np.ndarray, task: str,
                   threshold: float | None, meta: dict, by: list[str], n_boot: int, seed: int,
-                  excluded: int = 0) -> dict:
+                  excluded: int = 0, extra: dict | None = None) -> dict:
     """Write predictions.parquet, metrics.json and report.html for ``rows`` (test rows with their manifest
-    columns) and their class probabilities; returns the metrics dict."""
+    columns) and their class probabilities; ``extra`` adds head-specific results to metrics.json. Returns the
+    metrics dict."""
     predictions = predictions_table(rows, label, classes, probabilities, threshold)
     out.mkdir(parents=True, exist_ok=True)
     class_names = [str(c) for c in classes]
@@ -45,6 +46,7 @@ def write_results(out: Path, rows: pd.DataFrame, label: str, classes: list, prob
     result = evaluate_predictions(predictions, label, class_names, task, threshold=0.5 if threshold is None
                                   else threshold, by=by, n_boot=n_boot, seed=seed, meta=meta)
     result["n_excluded_null_label"] = excluded
+    result.update(extra or {})
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_report(result, predictions, label, out)
     return result

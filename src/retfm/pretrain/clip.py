@@ -161,3 +161,20 @@ class Captions:
 
     def tokens(self, index: int, epoch: int) -> torch.Tensor:
         return self.tokenizer([self.text(index, epoch)])[0]
+
+
+def is_clip_run(path: str | Path) -> bool:
+    """A `retfm pretrain --objective clip` run folder (or its clip.json)."""
+    path = Path(path)
+    return (path / CLIP_CARD).is_file() or (path.name == CLIP_CARD and path.is_file())
+
+
+class ImageTower(nn.Module):
+    """The image side of an image-text model as a plain encoder: images -> unit vectors in the shared space."""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images)
