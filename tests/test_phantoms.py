@@ -232,3 +232,12 @@ def test_bad_requests_are_refused():
     for bad in ({"eye": "X"}, {"dr_grade": 5}, {"cdr": 1.2}):
         with pytest.raises(ValueError):
             render(**bad)
+
+
+def test_a_vessel_of_one_point_draws_nothing_and_breaks_nothing():
+    """At 96 px some vessels are clipped to a single point (seen with 2 sites x 40 images, seed 0)."""
+    from retfm.data.phantoms import _draw_vessel
+
+    mask = np.zeros((8, 8), np.float32)
+    _draw_vessel(mask, np.array([[4.0, 4.0]]), np.array([1.0]), 4.0)
+    assert not mask.any()

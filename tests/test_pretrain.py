@@ -21,6 +21,7 @@ from retfm.errors import RetfmError
 from retfm.pretrain.trainer import MixedData, _warmup_cosine, pretrain
 
 TINY_MAE = ["--set", "objective_options={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}"]
+TINY_CLIP = "{embed_dim: 16, text: {width: 32, heads: 2, layers: 1, context_length: 32}}"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     assert factor(110) * 1e-3 == pytest.approx(1e-6)
 
 
-@pytest.mark.parametrize("objective", ["mae", "token-reconstruction"])
+@pytest.mark.parametrize("objective", ["mae", "token-reconstruction", "clip"])
 def test_two_processes_match_one_with_the_same_global_batch(cohort, tmp_path, objective):
     """torchrun with 2 CPU processes (gloo), 4 images each, against 1 process with 8: the same samples, masks and
     noise (every process draws the global batch's random numbers and keeps its rows), so only the order of
@@ -124,8 +125,10 @@ def test_two_processes_match_one_with_the_same_global_batch(cohort, tmp_path, ob
     near-zero gradients moves a weight by up to a fraction of the learning rate: 1e-5 was measured at the edge."""
     common = ["pretrain", "--objective", objective, "--data", str(cohort), "--model", "tiny-vit", "--steps", "6",
               "--workers", "0", "--set", "warmup_steps=2", "--set", "log_every=1", "--set", "blr=0.01"]
-    # MAE with one micro-batch per step; token reconstruction with two (gradients averaged once per step).
-    common += TINY_MAE if objective == "mae" else ["--set", "accum_steps=2"]
+    # MAE with one micro-batch per step; token reconstruction with two (gradients averaged once per step); CLIP
+    # contrasting the global batch (features gathered across processes).
+    common += {"mae": TINY_MAE, "token-reconstruction": ["--set", "accum_steps=2"],
+               "clip": ["--set", f"objective_options={TINY_CLIP}"]}[objective]
     single = subprocess.run([sys.executable, "-m", "retfm.cli.main", *common, "--batch-size", "8",
                              "--out", str(tmp_path / "one")], env=_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -141,7 +144,8 @@ def test_two_processes_match_one_with_the_same_global_batch(cohort, tmp_path, ob
     assert np.allclose(losses[0], losses[1], atol=1e-5) and len(losses[0]) == 6
     assert len(set(losses[0])) == 6  # training moved: every step's loss differs
     card = json.loads((tmp_path / "two" / "model.json").read_text())
-    assert card["images_seen"] == 48 * (1 if objective == "mae" else 2) and card["compute"]["processes"] == 2
+    assert card["images_seen"] == 48 * (2 if objective == "token-reconstruction" else 1)
+    assert card["compute"]["processes"] == 2
 
 
 def test_streams_shards_and_resumes_a_crashed_run_to_the_same_weights(cohort, tmp_path):

@@ -188,7 +188,9 @@ class FinetuneConfig(BaseModel):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     mixup: float = Field(0.0, ge=0, description="mixup alpha (0: off)")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0: off)")
-    randaugment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment spec; null: off")
+    # RETFound's rand-m9-mstd0.5-inc1 with the magnitude noise capped at 9: at 10 timm asks Pillow for a 0-bit
+    # posterize, which Pillow 13 refuses
+    randaugment: str | None = Field("rand-m9-mstd0.5-inc1-mmax9", description="timm RandAugment spec; null: off")
     random_erasing: float = Field(0.25, ge=0, le=1)
     balanced_sampling: bool = Field(False, description="draw training images with equal weight per class")
     lora_rank: int = Field(8, ge=1)

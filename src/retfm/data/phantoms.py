@@ -270,6 +270,8 @@ def _grow(rng: np.random.Generator, eye: _Eye, start: np.ndarray, heading: float
 
 def _draw_vessel(mask: np.ndarray, points: np.ndarray, widths: np.ndarray, r: float) -> None:
     """Segment i (points i-1 to i) takes widths[i]; runs of segments that look the same go in one cv2 call."""
+    if len(points) < 2:  # a vessel clipped to a single point has no segment to draw
+        return
     # vessels thinner than a pixel are drawn fainter; wide vessels are darker (more blood on the light path)
     weights = np.round(np.minimum(widths, 1) * (0.65 + 0.35 * np.minimum(widths / (0.02 * r), 1)) * 16) / 16
     thickness = np.maximum(np.round(widths), 1).astype(int)
