@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve
+from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve, study
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -23,6 +23,7 @@ app.command()(adapt.embed)
 app.command()(adapt.probe)
 app.command()(pretrain.pretrain)
 app.command()(finetune.finetune)
+app.command()(study.study)
 app.command()(retrieve.retrieve)
 
 
