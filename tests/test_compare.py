@@ -112,3 +112,23 @@ def test_paired_bootstrap_resamples_both_models_together():
     assert auroc.ci[1] - auroc.ci[0] < 0.02  # one AUROC's own 95% CI is about 0.1 wide here
     assert auroc.ci[0] <= auroc.difference <= auroc.ci[1]
     assert set(result) == {"auroc", "accuracy"}
+
+
+def test_multiclass_comparison_is_bootstrap_only(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 90)
+    logits_a = np.eye(3)[labels] * 2 + rng.normal(0, 1, (90, 3))
+    logits_b = rng.normal(0, 1, (90, 3))
+    paths = []
+    for name, logits in (("a", logits_a), ("b", logits_b)):
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        table = pd.DataFrame({"image_id": [f"img{i}" for i in range(90)], "dr_grade": labels,
+                              "prediction": probs.argmax(axis=1), **{f"prob_{k}": probs[:, k] for k in range(3)}})
+        paths.append(tmp_path / f"{name}.parquet")
+        write_predictions(paths[-1], table, "dr_grade", ["0", "1", "2"], "multiclass", None, {})
+        if name == "a":
+            expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    result = compare_predictions(*paths, "dr_grade", n_boot=300, seed=0)
+    assert result["value_a"] == pytest.approx(expected)
+    assert result["p_delong"] is None and result["p_bootstrap"] < 0.05
+    assert result["ci_low"] > 0

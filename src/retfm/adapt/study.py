@@ -166,8 +166,8 @@ def compare_cells(cells: list[Cell], out: Path, label: str, n_boot: int) -> pd.D
                 row.update(compare_predictions(out / "cells" / a.key / PREDICTIONS_FILENAME,
                                                out / "cells" / b.key / PREDICTIONS_FILENAME, label, n_boot,
                                                seed=a.seed))
-            except RetfmError as exc:
-                row["error"] = str(exc)
+            except (RetfmError, ValueError) as exc:  # a comparison that cannot be made is reported, not fatal
+                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             rows.append(row)
     columns = [*PAIRING, "model_a", "adaptation_a", "model_b", "adaptation_b", "metric", "n", "value_a", "value_b",
                "difference", "ci_low", "ci_high", "p_bootstrap", "n_boot", "p_delong", "se_delong", "error"]

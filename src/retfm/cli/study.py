@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import typer
 from rich.table import Table
 
@@ -49,8 +50,9 @@ def _summary(result: dict) -> Table:
         score = "–"
         if (row.cell, "auroc") in overall.index:
             value = overall.loc[(row.cell, "auroc")]
-            if value["value"] == value["value"]:  # not NaN
-                score = f"{value['value']:.3f} ({value['ci_low']:.3f}-{value['ci_high']:.3f})"
+            if pd.notna(value["value"]):
+                score = f"{value['value']:.3f}" + (f" ({value['ci_low']:.3f}-{value['ci_high']:.3f})"
+                                                   if pd.notna(value["ci_low"]) else "")
         table.add_row(row.model, row.adaptation, f"{row.label_fraction:g}", str(row.seed),
                       f"{row.train_site} -> {row.test_site}", row.status, score)
     return table
