@@ -210,6 +210,78 @@ class FinetuneConfig(BaseModel):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
+class StudyModel(BaseModel):
+    """One model of a study grid: a short display name, the model and its weights (as ``retfm finetune`` takes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, description="short name shown in tables and plots")
+    model: str = Field(..., description="registry name or retfm checkpoint")
+    weights: str | None = Field(None, description="weights file, 'random', or none for the model's own weights")
+
+
+class StudySites(BaseModel):
+    """The site axis of a study: ``cross: true`` trains on each site and tests on each site."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cross: bool = Field(False, description="every train site x every test site (the diagonal is in-site)")
+    names: list[str] | None = Field(None, description="sites to cross (default: every site with labelled rows)")
+
+
+# FinetuneConfig fields that the study's grid sets for each cell; the base ``finetune:`` mapping may not set them.
+STUDY_GRID_FIELDS = ("data", "label", "by", "model", "weights", "adaptation", "label_fraction", "seed",
+                     "train_sites", "test_sites")
+
+
+class StudyConfig(BaseModel):
+    """Options of ``retfm study`` (see docs/study.md): a grid of fine-tuning runs on one manifest and label."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(..., description="ingest folder or manifest file with train/val/test splits")
+    label: str
+    by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
+    finetune: dict = Field(default_factory=dict, description="FinetuneConfig options shared by every cell")
+    models: list[StudyModel] = Field(..., min_length=1)
+    adaptations: list[Literal["full", "linear", "lora"]] = Field(["full"], min_length=1)
+    label_fractions: list[float] = Field([1.0], min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    sites: StudySites | None = Field(None, description="omitted: train and test on all sites")
+    compare_bootstrap: int = Field(1000, ge=1, description="paired bootstrap resamples per comparison")
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _parse_by(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("finetune")
+    @classmethod
+    def _check_finetune(cls, value):
+        unknown = sorted(set(value) - set(FinetuneConfig.model_fields))
+        if unknown:
+            raise ValueError(f"not a finetune option: {', '.join(unknown)}")
+        grid = sorted(set(value) & set(STUDY_GRID_FIELDS))
+        if grid:
+            raise ValueError(f"set by the study itself, not under finetune: {', '.join(grid)}")
+        return value
+
+    @field_validator("label_fractions")
+    @classmethod
+    def _check_fractions(cls, value):
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError(f"label fractions must be in (0, 1], got {value}")
+        return sorted(set(value))
+
+    @field_validator("models")
+    @classmethod
+    def _check_names(cls, value):
+        names = [m.name for m in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be distinct, got {names}")
+        return value
+
+
 def parse_set(assignment: str) -> tuple[list[str], object]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML, so numbers, booleans and lists work)."""
     key, sep, raw = assignment.partition("=")
