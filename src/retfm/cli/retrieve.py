@@ -44,6 +44,8 @@ def retrieve(
     embeddings: Path = typer.Option(None, "--embeddings", help="query embeddings Parquet (same model as the index)"),
     image: Path = typer.Option(None, "--image", help="one fundus photograph to query with"),
     data: Path = typer.Option(None, "--data", help="ingest folder (or manifest) of query images"),
+    text: str = typer.Option(None, "--text", help="a description to search for, e.g. 'optic disc cupping' (an "
+                                                  "index of image-text embeddings, from `retfm zeroshot`)"),
     split: str = typer.Option(None, "--split", help="use only this split of the --embeddings or --data queries"),
     k: int = typer.Option(5, "--k", min=1, help="neighbours per query"),
     out: Path = typer.Option(None, "--out", help="write the neighbours: .parquet or .csv"),
@@ -54,7 +56,7 @@ def retrieve(
     keep_same_patient: bool = typer.Option(False, "--keep-same-patient",
                                            help="also return the query's patient's other images (skipped by "
                                                 "default, when patient_id is known)"),
-    model: str = typer.Option(None, "--model", help="--image/--data: where the index's model is now, if it moved "
+    model: str = typer.Option(None, "--model", help="--image/--data/--text: where the index's model is now, if it moved "
                                                     "(default: as recorded in the index)"),
     weights: str = typer.Option(None, "--weights", help="--image/--data: where the index's weights are now, if "
                                                         "they moved (default: as recorded); other weights are refused"),
@@ -64,21 +66,24 @@ def retrieve(
 ) -> None:
     """Find the indexed images most similar to query images (cosine similarity of embeddings)."""
     from retfm.errors import RetfmError
-    from retfm.zeroshot.retrieval import RetrievalIndex, embed_queries, evaluate_retrieval, read_queries
+    import pandas as pd
 
-    given = [name for name, value in (("--embeddings", embeddings), ("--image", image), ("--data", data)) if value]
+    from retfm.zeroshot.retrieval import RetrievalIndex, embed_queries, embed_text, evaluate_retrieval, read_queries
+
+    given = [name for name, value in (("--embeddings", embeddings), ("--image", image), ("--data", data),
+                                      ("--text", text)) if value]
     if len(given) > 1:
         raise RetfmError(f"give one query source, not {' and '.join(given)}")
     if not given and not evaluate:
-        raise RetfmError("give --embeddings, --image or --data (or --evaluate --label COL for leave-one-out on the "
-                         "index)")
+        raise RetfmError("give --embeddings, --image, --data or --text (or --evaluate --label COL for leave-one-out "
+                         "on the index)")
     if evaluate and not label:
         raise RetfmError("--evaluate needs --label COL: the column whose equal values make a neighbour relevant")
     if (label or metrics) and not evaluate:
         raise RetfmError("--label and --metrics belong to --evaluate")
     if out is not None and not given:
         raise RetfmError("--out writes the neighbours of queries: give --embeddings, --image or --data")
-    if evaluate and image:
+    if evaluate and (image or text):
         raise RetfmError("--evaluate needs labelled queries: --embeddings or --data, or none for leave-one-out")
     if out is not None and out.suffix.lower() not in (".parquet", ".csv"):
         raise RetfmError(f"{out}: --out must end in .parquet or .csv")
@@ -87,6 +92,8 @@ def retrieve(
     queries = None
     if embeddings:
         queries = read_queries(idx, embeddings, split)
+    elif text:
+        queries = pd.DataFrame({"image_id": ["text"]}), embed_text(idx, text, model)
     elif image or data:
         with progress_bar("embed queries", unit="img") as (total, advance):
             queries = embed_queries(idx, image=image, data=data, split=split, model=model, weights=weights,
@@ -95,7 +102,8 @@ def retrieve(
     if queries is not None:
         table, vectors = queries
         patients = table["patient_id"] if "patient_id" in table and not keep_same_patient else None
-        hits = idx.search(vectors, k, query_ids=None if image else table["image_id"], query_patients=patients)
+        hits = idx.search(vectors, k, query_ids=None if image or text else table["image_id"],
+                          query_patients=patients)
         hits.insert(0, "query_image_id", table["image_id"].to_numpy()[hits["query"].to_numpy()])
         hits = hits.drop(columns=["query"])
         if len(table) == 1:

@@ -359,6 +359,25 @@ def embed_queries(index: RetrievalIndex, *, image: Path | None = None, data: Pat
     return table, vectors
 
 
+def embed_text(index: RetrievalIndex, text: str, model: str | None = None) -> np.ndarray:
+    """A text query as a 1 x D vector, with the text tower of the image-text model whose image vectors the index
+    holds (``model`` only says where that run folder is now, if it moved)."""
+    import torch
+
+    from retfm.adapt.embed import weights_sha256
+    from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
+
+    model = model or index.meta.get("embed_model")
+    if not model or not is_clip_run(model):
+        raise RetfmError(f"{index.where}: --text needs an index of image-text embeddings (`retfm zeroshot` writes "
+                         f"them to image_embeddings.parquet); this one holds {index.meta.get('model')!r} features")
+    clip, _ = load_clip(model)
+    if weights_sha256(ImageTower(clip)) != index.meta.get("weights_sha256"):
+        raise RetfmError(f"{model}: not the image-text model the index was built with (weights differ)")
+    with torch.inference_mode():
+        return clip.encode_text(clip.tokenizer()([text])).numpy()
+
+
 def _ingest_one(image: Path, work: Path) -> Path:
     if not image.is_file():
         raise RetfmError(f"{image}: no such image file")
