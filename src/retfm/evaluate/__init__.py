@@ -81,7 +81,7 @@ def evaluate_predictions(table: pd.DataFrame, label: str, classes: list, task: s
             raise RetfmError(f"cannot group by {column!r}: groups of identifiers would put them in the report")
     o = outcomes(table, label, classes, task, threshold)
     rows = table.loc[o.kept]
-    clusters = _clusters(rows)
+    clusters = bootstrap_clusters(rows)
     notes = list(o.notes)
     overall, overall_why = _scope(o, clusters, n_boot, seed, "overall", notes, {})
     groups: dict = {}
@@ -112,7 +112,7 @@ def evaluate_predictions(table: pd.DataFrame, label: str, classes: list, task: s
     }
 
 
-def _clusters(rows: pd.DataFrame) -> np.ndarray:
+def bootstrap_clusters(rows: pd.DataFrame) -> np.ndarray:
     """The resampling unit of each row: its patient, or the row itself when there is no patient_id."""
     if "patient_id" not in rows:
         return np.arange(len(rows))

@@ -22,7 +22,7 @@ import numpy as np
 from scipy.stats import norm, rankdata
 
 from retfm.errors import RetfmError
-from retfm.evaluate import _clusters, read_predictions
+from retfm.evaluate import bootstrap_clusters, read_predictions
 from retfm.evaluate.bootstrap import CONFIDENCE, MAX_WEIGHTS, bootstrap_metrics, percentile_ci, resample_weights
 from retfm.evaluate.metrics import Outcomes, outcomes, point_metrics
 
@@ -125,7 +125,7 @@ def compare_predictions(path_a: str | Path, path_b: str | Path, label: str, n_bo
     table_b = table_b.set_index("image_id").loc[table_a["image_id"]].reset_index()
     a = outcomes(table_a, label, info_a["classes"], info_a["task"], info_a["threshold"])
     b = outcomes(table_b, label, info_b["classes"], info_b["task"], info_b["threshold"])
-    clusters = _clusters(table_a.loc[a.kept])
+    clusters = bootstrap_clusters(table_a.loc[a.kept])
     auroc = paired_bootstrap(a, b, clusters, n_boot, seed)["auroc"]
     delong = None
     positives = int((a.y == 1).sum())

@@ -99,7 +99,7 @@ def write_report(result: dict, table: pd.DataFrame, label: str, out_dir: str | P
 def _figures(o) -> list[tuple[str, str]]:
     """(title, base64 PNG) for ROC, PR (one-vs-rest per class when multi-class), confusion, reliability."""
     columns = [1] if o.binary else range(len(o.classes))
-    roc, pr = _figure(), _figure()
+    roc, pr = new_figure(), new_figure()
     for k in columns:
         positive = o.y == k
         name = f"{o.classes[1]} vs {o.classes[0]}" if o.binary else f"{o.classes[k]} vs rest"
@@ -109,19 +109,19 @@ def _figures(o) -> list[tuple[str, str]]:
             PrecisionRecallDisplay.from_predictions(positive, o.probs[:, k], name=name, ax=pr.axes[0])
     roc.axes[0].set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)")
     pr.axes[0].set(xlabel="recall (sensitivity)", ylabel="precision")
-    confusion = _figure()
+    confusion = new_figure()
     ConfusionMatrixDisplay.from_predictions(o.y, o.pred, labels=np.arange(len(o.classes)),
                                             display_labels=o.classes, ax=confusion.axes[0], colorbar=False)
     confusion.axes[0].set(xlabel="predicted", ylabel="true")
-    reliability = _figure()
+    reliability = new_figure()
     correct = o.probs.argmax(axis=1) == o.y
     CalibrationDisplay.from_predictions(correct, o.probs.max(axis=1), n_bins=ECE_BINS, name="top label",
                                         ax=reliability.axes[0])
     reliability.axes[0].set(xlabel="confidence (largest class probability)", ylabel="fraction correct")
-    return [("ROC curve" + ("" if o.binary else "s, one-vs-rest"), _png(roc)),
-            ("precision-recall curve" + ("" if o.binary else "s, one-vs-rest"), _png(pr)),
-            ("confusion matrix (counts)", _png(confusion)),
-            (f"reliability of the top label ({ECE_BINS} equal-width bins)", _png(reliability))]
+    return [("ROC curve" + ("" if o.binary else "s, one-vs-rest"), figure_png(roc)),
+            ("precision-recall curve" + ("" if o.binary else "s, one-vs-rest"), figure_png(pr)),
+            ("confusion matrix (counts)", figure_png(confusion)),
+            (f"reliability of the top label ({ECE_BINS} equal-width bins)", figure_png(reliability))]
 
 
 def _group_bars(result: dict, column: str, main: str) -> str:
@@ -130,7 +130,7 @@ def _group_bars(result: dict, column: str, main: str) -> str:
     values = [groups[g]["metrics"][main]["value"] for g in names]
     cis = [groups[g]["metrics"][main]["ci"] for g in names]
     heights = np.array([np.nan if v is None else v for v in values])
-    fig = _figure(width=max(4.0, 0.8 * len(names) + 1.5))
+    fig = new_figure(width=max(4.0, 0.8 * len(names) + 1.5))
     ax = fig.axes[0]
     x = np.arange(len(names))
     ax.bar(x, np.nan_to_num(heights), color="#4c72b0")
@@ -144,17 +144,17 @@ def _group_bars(result: dict, column: str, main: str) -> str:
     ax.set_xticks(x, [f"{g}\n(n={groups[g]['n']})" for g in names])
     ax.set(ylabel=METRIC_NAMES[main], ylim=(0, 1.05), title=f"{METRIC_NAMES[main]} by {column} "
                                                              f"(dashed: overall {overall:.3f})")
-    return _png(fig)
+    return figure_png(fig)
 
 
-def _figure(width: float = 4.5) -> Figure:
+def new_figure(width: float = 4.5) -> Figure:
     fig = Figure(figsize=(width, 4))
     FigureCanvasAgg(fig)  # render with Agg: no display needed
     fig.add_subplot()
     return fig
 
 
-def _png(fig: Figure) -> str:
+def figure_png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

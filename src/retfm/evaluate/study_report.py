@@ -11,7 +11,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from retfm.evaluate.metrics import LOWER_IS_BETTER
-from retfm.evaluate.report import METRIC_NAMES, REPORT_FILENAME, _figure, _png
+from retfm.evaluate.report import METRIC_NAMES, REPORT_FILENAME, figure_png, new_figure
 
 UNKNOWN = "unknown"
 
@@ -102,7 +102,7 @@ def _curves(headline: pd.DataFrame, main: str) -> list[tuple[str, str]]:
     in_site = headline[headline["train_site"] == headline["test_site"]]
     figures = []
     for site, rows in in_site.groupby("train_site", sort=True):
-        fig = _figure(width=5.5)
+        fig = new_figure(width=5.5)
         ax = fig.axes[0]
         for model, adaptation in _arms(rows):
             arm = rows[(rows["model"] == model) & (rows["adaptation"] == adaptation)]
@@ -112,7 +112,7 @@ def _curves(headline: pd.DataFrame, main: str) -> list[tuple[str, str]]:
         ax.set(xlabel="label fraction (share of training patients)", ylabel=METRIC_NAMES[main],
                title=f"trained and tested on {site}" if site != "all" else "all sites")
         ax.legend(fontsize="small")
-        figures.append((f"{METRIC_NAMES[main]} against label fraction, {site}", _png(fig)))
+        figures.append((f"{METRIC_NAMES[main]} against label fraction, {site}", figure_png(fig)))
     return figures
 
 
@@ -124,7 +124,7 @@ def _matrices(headline: pd.DataFrame, main: str) -> list[tuple[str, str]]:
                                  dropna=False)
         sites = sorted(set(matrix.index) | set(matrix.columns))
         matrix = matrix.reindex(index=sites, columns=sites)
-        fig = _figure(width=1.2 * len(sites) + 2.5)
+        fig = new_figure(width=1.2 * len(sites) + 2.5)
         ax = fig.axes[0]
         image = ax.imshow(matrix.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis")
         for (i, j), value in np.ndenumerate(matrix.to_numpy(dtype=float)):
@@ -134,7 +134,7 @@ def _matrices(headline: pd.DataFrame, main: str) -> list[tuple[str, str]]:
         ax.set_yticks(range(len(sites)), sites)
         ax.set(xlabel="test site", ylabel="train site", title=f"{model} / {adaptation}")
         fig.colorbar(image, ax=ax, label=METRIC_NAMES[main])
-        figures.append((f"{METRIC_NAMES[main]}, train site x test site: {model} / {adaptation}", _png(fig)))
+        figures.append((f"{METRIC_NAMES[main]}, train site x test site: {model} / {adaptation}", figure_png(fig)))
     return figures
 
 
