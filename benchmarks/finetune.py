@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import timm
 import torch
+from timing import time_steps
 
 VARIANTS = ("reference", "full", "lora", "linear")
 
@@ -57,20 +56,7 @@ def run_variant(architecture: str, variant: str, steps: int, batch: int, device:
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"images_per_s": round(steps * batch / seconds, 2), "peak_memory_mb": round(peak / 2**20),
-            "trainable_parameters": trainable}
+    return {**time_steps(step, steps, batch, device), "trainable_parameters": trainable}
 
 
 def main() -> None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import torch
+from timing import time_steps
 from timm.models.vision_transformer import Block
 
 VARIANTS = ("reference", "mae", "token-reconstruction")
@@ -91,20 +90,7 @@ def run_variant(variant: str, steps: int, batch: int, device: str, precision: st
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"images_per_s": round(steps * batch / seconds, 2), "peak_memory_mb": round(peak / 2**20),
-            "step_seconds": round(seconds / steps, 3)}
+    return time_steps(step, steps, batch, device)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
+from retfm.runs import checked_device
 
 PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
 IDENTITY_KEYS = ("retfm.model", "retfm.weights_sha256", "retfm.preprocessing")
@@ -47,7 +48,7 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     ``check_identity(metadata)`` may refuse the loaded model (by raising) before any image is embedded."""
     full = Manifest.read(data)
     manifest = full.split(config.split) if config.split else full
-    device = _device(config.device)
+    device = checked_device(config.device)
     spec, model = _encoder(config)
     model = model.eval().to(device)
     pre = preprocessing(spec)
@@ -107,12 +108,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return torch.device(name)
-
 
 def _embed_batches(model, loader, device, precision, parts: Path, progress) -> None:
     parts.mkdir(parents=True, exist_ok=True)

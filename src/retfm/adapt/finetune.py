@@ -50,6 +50,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import create, save_checkpoint, spec as model_spec
 from retfm.models import preprocessing
+from retfm.runs import check_run_folder, checked_device, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 BEST_FILENAME = "best.pt"
@@ -61,13 +62,8 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
              progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
     """Train, select on validation, predict and evaluate the test split; returns the metrics dict."""
     checkpoint_path = out / CHECKPOINT_FILENAME
-    if checkpoint_path.exists() and not resume:
-        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
-    if resume and not checkpoint_path.exists():
-        raise RetfmError(f"{checkpoint_path}: nothing to resume")
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    check_run_folder(out, checkpoint_path, resume)
+    device = checked_device(config.device)
     torch.manual_seed(config.seed)
 
     rows = _rows(config)
@@ -307,8 +303,5 @@ def _selection_score(rows: pd.DataFrame, probabilities: np.ndarray, config: Fine
 
 
 def _save(path: Path, config, model, optimiser, state) -> None:
-    payload = {"config": config.model_dump_json(), "model": model.state_dict(), "optimiser": optimiser.state_dict(),
-               "state": dict(state), "rng": torch.get_rng_state()}
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(payload, partial)
-    partial.replace(path)
+    save_whole({"config": config.model_dump_json(), "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(), "state": dict(state), "rng": torch.get_rng_state()}, path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, stdout
+from retfm.cli.common import ConfigOption, SetOption, console, print_metrics, progress_bar, stdout
 
 
 def embed(
@@ -57,10 +57,5 @@ def probe(
     cfg = load_config(ProbeConfig, config, options, sets)
     with console.status("fitting the head and bootstrapping the metrics"):
         result = run_probe(embeddings, out, cfg)
-    for name in ("auroc", "balanced_accuracy", "kappa_quadratic"):
-        metric = result["metrics"].get(name)
-        if metric and metric.get("value") is not None:
-            ci = metric.get("ci") or [None, None]
-            stdout.print(f"{name}: {metric['value']:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None
-                         else f"{name}: {metric['value']:.4f}")
+    print_metrics(result)
     stdout.print(f"wrote {out / 'predictions.parquet'}, {out / 'metrics.json'}, {out / 'report.html'}")

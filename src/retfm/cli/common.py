@@ -49,6 +49,16 @@ def progress_bar(description: str, unit: str | None = None):
         progress.stop()
 
 
+def print_metrics(result: dict, prefix: str = "") -> None:
+    """The headline metrics of a metrics.json dict, with their 95% CIs, one per line."""
+    for name in ("auroc", "balanced_accuracy", "kappa_quadratic"):
+        metric = result["metrics"].get(name)
+        if metric and metric.get("value") is not None:
+            ci = metric.get("ci") or [None, None]
+            stdout.print(f"{prefix}{name}: {metric['value']:.4f}" +
+                         (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else ""))
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

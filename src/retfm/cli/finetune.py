@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from retfm.cli.common import ConfigOption, SetOption, progress_bar, stdout
+from retfm.cli.common import ConfigOption, SetOption, print_metrics, progress_bar, stdout
 
 
 def finetune(
@@ -42,11 +42,6 @@ def finetune(
     meta = result["meta"]
     stdout.print(f"best epoch {meta['best_epoch'] + 1} of {meta['epochs_run']} (val {meta['select_metric']} "
                  f"{meta['best_val_score']:.4f})")
-    for name in ("auroc", "balanced_accuracy", "kappa_quadratic"):
-        metric = result["metrics"].get(name)
-        if metric and metric.get("value") is not None:
-            ci = metric.get("ci") or [None, None]
-            stdout.print(f"test {name}: {metric['value']:.4f}" +
-                         (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci[0] is not None else ""))
+    print_metrics(result, prefix="test ")
     stdout.print(f"wrote {out / 'model.safetensors'}, {out / 'predictions.parquet'}, {out / 'metrics.json'}, "
                  f"{out / 'report.html'}")

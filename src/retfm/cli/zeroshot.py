@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from retfm.cli.common import progress_bar, stdout
+from retfm.cli.common import print_metrics, progress_bar, stdout
 
 
 def zeroshot(
@@ -36,7 +36,5 @@ def zeroshot(
                               progress=advance, total=total)
     for name, value in result["top_k"].items():
         stdout.print(f"{name}: {value:.4f}")
-    auroc = result["metrics"].get("auroc", {})
-    if auroc.get("value") is not None:
-        stdout.print(f"auroc: {auroc['value']:.4f}")
+    print_metrics(result)
     stdout.print(f"wrote {out / 'predictions.parquet'}, {out / 'metrics.json'}, {out / 'report.html'}")

@@ -44,6 +44,7 @@ from retfm.hashing import file_sha256
 from retfm.models import create, save_checkpoint
 from retfm.models import spec as model_spec
 from retfm.pretrain.sampling import BatchShard
+from retfm.runs import check_run_folder, checked_device, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 MODEL_FILENAME = "model.safetensors"
@@ -55,14 +56,8 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
              on_log: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) a pretraining; returns the final card."""
     checkpoint_path = out / CHECKPOINT_FILENAME
-    if checkpoint_path.exists() and not resume:
-        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
-    if resume and not checkpoint_path.exists():
-        raise RetfmError(f"{checkpoint_path}: nothing to resume")
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
-    shard, device = _join_process_group(device)
+    check_run_folder(out, checkpoint_path, resume)
+    shard, device = _join_process_group(checked_device(config.device))
     if shard.rank:  # one voice: the first process reports and writes
         progress = total = on_log = None
     torch.manual_seed(config.seed)
@@ -476,6 +471,4 @@ def _save_checkpoint(path: Path, config, objective, optimiser, schedule, scaler,
         payload["ema"] = ema.state_dict()
     if device.type == "cuda":
         payload["cuda_rng"] = torch.cuda.get_rng_state()
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(payload, partial)
-    partial.replace(path)  # a checkpoint exists whole or not at all
+    save_whole(payload, path)
