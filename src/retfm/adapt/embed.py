@@ -53,10 +53,7 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     model = create(config.model, weights=config.weights).eval().to(device)
     pre = preprocessing(spec)
     metadata = {
-        "retfm.model": spec.name,
-        "retfm.weights_sha256": weights_sha256(model),
-        "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
-                                           "pooling": spec.pooling, "resize": "antialiased, from the stored image"}),
+        **embedding_identity(spec, model),
         "retfm.embed_dim": str(spec.embed_dim),
         "retfm.config": config.model_dump_json(),
         "retfm.manifest_sha256": file_sha256(data / MANIFEST_FILENAME if Path(data).is_dir() else data),
@@ -81,6 +78,16 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     table = _finish(out, parts, full, metadata)
     return {"images": len(table), "embedded_now": len(todo), "resumed": len(done), "embed_dim": spec.embed_dim,
             "out": str(out)}
+
+
+def embedding_identity(spec, model: torch.nn.Module) -> dict[str, str]:
+    """The metadata (IDENTITY_KEYS) that says which embedding space vectors belong to: model, weights, preprocessing.
+    Vectors with different identities cannot be compared."""
+    pre = preprocessing(spec)
+    return {"retfm.model": spec.name, "retfm.weights_sha256": weights_sha256(model),
+            "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
+                                               "pooling": spec.pooling,
+                                               "resize": "antialiased, from the stored image"})}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
