@@ -260,7 +260,7 @@ class ServeConfig(BaseModel):
     max_upload_mb: float = Field(20.0, gt=0, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image; more is refused as a bomb")
     max_batch_images: int = Field(200, ge=1, description="images per /v1/batch request (files plus zip entries)")
-    min_quality: float = Field(0.4, ge=0, le=1, description="below this quality score an image is ungradable")
+    min_quality: float = Field(0.5, ge=0, le=1, description="below this quality score an image is ungradable")
     fundus_size: int = Field(512, ge=16, description="side the field-of-view crop is shrunk to, as ingest does")
     batch_size: int = Field(16, ge=1, description="micro-batching: most images in one forward pass")
     batch_wait_ms: float = Field(10.0, ge=0, description="micro-batching: longest wait for a batch to fill")

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve
+from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve, serve
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -24,6 +24,7 @@ app.command()(adapt.probe)
 app.command()(pretrain.pretrain)
 app.command()(finetune.finetune)
 app.command()(retrieve.retrieve)
+app.command()(serve.serve)
 
 
 def _version(value: bool) -> None:

@@ -52,8 +52,9 @@ _FILES_BODY = {"requestBody": {"required": True, "content": {
 
 
 def create_app(config: ServeConfig, screener: Screener | None = None) -> FastAPI:
-    """The app for ``config``; ``screener`` may be passed to share a loaded model between apps (tests)."""
-    screener = screener or Screener(config)
+    """The app for ``config``; ``screener``, a model already loaded for the same model, index and device, is
+    shared instead of loading it again (tests run apps with several limits over one model)."""
+    screener = screener.with_config(config) if screener else Screener(config)
     batcher = MicroBatcher(screener.run_batch, config.batch_size, config.batch_wait_ms)
     card = screener.model_card()
     upload_limit = int(config.max_upload_mb * 1024 * 1024)

@@ -76,6 +76,15 @@ class Screener:
             labels = self.index.meta.get("label_columns") or []
             self.case_label = self.card.get("label") if self.card.get("label") in labels else (labels or [None])[0]
 
+    def with_config(self, config: ServeConfig) -> Screener:
+        """This loaded model under other request limits and quality gate (the model, index and device stay)."""
+        loaded = ("model", "index", "device")
+        if any(getattr(config, name) != getattr(self.config, name) for name in loaded):
+            raise ValueError(f"with_config changes limits only, not {', '.join(loaded)}")
+        copy = object.__new__(Screener)
+        copy.__dict__.update(self.__dict__, config=config)
+        return copy
+
     # ---- per request ----------------------------------------------------------------------------------------------
 
     def prepare(self, data: bytes) -> Prepared:
