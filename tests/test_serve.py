@@ -9,8 +9,6 @@ import base64
 import io
 import logging
 import struct
-import subprocess
-import sys
 import tempfile
 import zipfile
 import zlib
@@ -35,7 +33,7 @@ from retfm.serve.batching import MicroBatcher
 from retfm.serve.screening import Screener
 from retfm.zeroshot.retrieval import build_index
 
-from .conftest import encode, fundus_rgb, shared_file
+from tests.conftest import encode, fundus_rgb, shared_file
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"X-API-Key": KEY}
@@ -346,13 +344,19 @@ def test_micro_batcher_fills_batches_keeps_order_and_survives_a_failure():
 
 # ---- the command --------------------------------------------------------------------------------------------------
 
-def test_serve_command_refuses_a_model_that_is_not_a_classifier(tmp_path):
-    torch.manual_seed(0)
+def test_serve_command_refuses_a_model_that_is_not_a_classifier_and_a_short_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from retfm.cli.main import app
+    from retfm.errors import RetfmError
     from retfm.models import save_checkpoint
+
     save_checkpoint(create("tiny-vit", weights="random"), spec("tiny-vit"), tmp_path / "encoder.safetensors")
     (tmp_path / "key").write_text(KEY)
-    run = subprocess.run([sys.executable, "-m", "retfm.cli.main", "serve", "--model",
-                          str(tmp_path / "encoder.safetensors"), "--api-key-file", str(tmp_path / "key")],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    assert "not a classifier card" in run.stderr and "Traceback" not in run.stderr
+    (tmp_path / "short").write_text("1234")
+    run = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "encoder.safetensors"), "--api-key-file",
+                                   str(tmp_path / "key")])
+    assert isinstance(run.exception, RetfmError) and "not a classifier card" in str(run.exception)
+    run = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "encoder.safetensors"), "--api-key-file",
+                                   str(tmp_path / "short")])
+    assert isinstance(run.exception, RetfmError) and "at least 16 characters" in str(run.exception)

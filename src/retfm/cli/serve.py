@@ -55,7 +55,7 @@ def serve(
                       "travel a network", highlight=False)
     console.print(f"web page: http://{'[' + host + ']' if ':' in host else host}:{port}/", highlight=False)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", ws="none")  # no websockets route
     except OSError as exc:
         raise RetfmError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 

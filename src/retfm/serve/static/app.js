@@ -176,13 +176,8 @@ $("key-form").addEventListener("submit", async (event) => {
 });
 
 const zone = $("drop-zone");
+// A real button: Enter and Space click it, so the keyboard opens the file chooser as a mouse does.
 zone.addEventListener("click", () => $("file-input").click());
-zone.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" || event.key === " ") {
-    event.preventDefault();
-    $("file-input").click();
-  }
-});
 zone.addEventListener("dragover", (event) => {
   event.preventDefault();
   zone.classList.add("over");
