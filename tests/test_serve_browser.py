@@ -58,6 +58,14 @@ def focused(page) -> str:
 
 
 def test_keyboard_upload_shows_findings_heatmap_and_similar_cases(page, tmp_path):
+    # Listen for the file chooser from the start: Playwright intercepts it only once a listener is registered,
+    # and registering just before the key press races with the press.
+    chosen = []
+
+    def choose(chooser):
+        chosen.append(True)
+        chooser.set_files(str(shared_file("retina_cc0.jpg")))
+    page.on("filechooser", choose)
     page.focus("#api-key")
     page.keyboard.type(KEY)
     page.keyboard.press("Enter")
@@ -69,16 +77,15 @@ def test_keyboard_upload_shows_findings_heatmap_and_similar_cases(page, tmp_path
     page.keyboard.press("Tab")
     page.keyboard.press("Tab")
     assert focused(page) == "drop-zone"  # focus order: key, its button, then the upload
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(str(shared_file("retina_cc0.jpg")))
-
+    page.keyboard.press("Enter")
     page.wait_for_selector("#result:not([hidden])")
+    assert chosen == [True]
     assert focused(page) == "result"  # the findings take focus, so a screen reader reads them next
     verdict = page.inner_text("#verdict")
     assert verdict.startswith("Gradable.") and "risk" in verdict
     assert page.locator("#probabilities tbody tr").count() == 2
     assert page.is_visible("#heatmap") and not page.is_visible("#photo")
+    page.wait_for_function("document.getElementById('heatmap').complete")
     assert page.evaluate("document.getElementById('heatmap').naturalWidth") == 448
     assert "Grad-CAM" in page.get_attribute("#heatmap", "alt")
     assert page.locator("#cases tbody tr").count() == 5
