@@ -179,7 +179,8 @@ def test_health_needs_no_key_and_docs_stay_offline(client):
 
 
 def test_non_images_are_415_with_a_clear_message(client):
-    for answer in (client.post("/v1/predict", content=b"PatientName,Doe\n", headers={**AUTH, "content-type": "image/jpeg"}),
+    declared_jpeg = {**AUTH, "content-type": "image/jpeg"}
+    for answer in (client.post("/v1/predict", content=b"PatientName,Doe\n", headers=declared_jpeg),
                    client.post("/v1/predict", files={"file": ("scan.jpg", b"%PDF-1.7 not really", "image/jpeg")},
                                headers=AUTH)):
         assert answer.status_code == 415

@@ -35,7 +35,7 @@ from retfm.adapt.embed import embedding_identity
 from retfm.config import ServeConfig
 from retfm.data import fundus
 from retfm.data.datasets import eval_transform
-from retfm.data.io import ImageRejected, decode_image
+from retfm.data.io import decode_image
 from retfm.errors import RetfmError
 from retfm.models import create, preprocessing, spec as model_spec
 from retfm.models.registry import card_path
@@ -88,7 +88,7 @@ class Screener:
     # ---- per request ----------------------------------------------------------------------------------------------
 
     def prepare(self, data: bytes) -> Prepared:
-        """Decode and quality-check one upload. Raises :class:`ImageRejected` when it is no usable image."""
+        """Decode and quality-check one upload. Raises ``retfm.data.io.ImageRejected`` when it is no image."""
         decoded = decode_image(data, min_side=self.config.fundus_size, max_pixels=self.config.max_pixels)
         found = fundus.preprocess(decoded.rgb, self.config.fundus_size)
         if found is None:
@@ -263,5 +263,3 @@ def _plain(value):
         return None
     return value
 
-
-__all__ = ["ImageRejected", "Prepared", "Screener"]
