@@ -13,7 +13,10 @@ Measured in one run:
   so the gain of batching is separated from the cost of HTTP. Reported: errors, p50/p95 latency, throughput,
   and the mean images per forward pass (from /healthz).
 
-    python benchmarks/serve.py [--requests 100] [--arch vit-tiny|retfound-green] [--device cpu|cuda]
+``--threads N`` sets torch's intra-op threads in both (the server through OMP_NUM_THREADS): on a machine that
+other jobs load, two OpenMP threads on two cores can make a batch-1 forward pass ten times slower than one.
+
+    python benchmarks/serve.py [--requests 100] [--arch vit-tiny|retfound-green] [--device cpu|cuda] [--threads 1]
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def served(model_path: Path, image: bytes, n: int, batch_size: int, wait_ms: flo
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RETFM_API_KEY": KEY}
+    env = {**os.environ, "RETFM_API_KEY": KEY, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     server = subprocess.Popen([sys.executable, "-m", "retfm.cli.main", "serve", "--model", str(model_path),
                                "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(batch_size),
                                "--batch-wait-ms", str(wait_ms), "--device", device],
@@ -152,9 +155,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     image = sample_bytes()
     with tempfile.TemporaryDirectory(prefix="retfm-serve-bench-") as work:
         model_path = make_classifier(Path(work), args.arch)
