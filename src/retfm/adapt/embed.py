@@ -53,10 +53,7 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     model = model.eval().to(device)
     pre = preprocessing(spec)
     metadata = {
-        "retfm.model": spec.name,
-        "retfm.weights_sha256": weights_sha256(model),
-        "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
-                                           "pooling": spec.pooling, "resize": "antialiased, from the stored image"}),
+        **embedding_identity(spec, model),
         "retfm.embed_dim": str(spec.embed_dim),
         "retfm.config": config.model_dump_json(),
         "retfm.manifest_sha256": file_sha256(data / MANIFEST_FILENAME if Path(data).is_dir() else data),
@@ -96,6 +93,16 @@ def _encoder(config: EmbedConfig) -> tuple[ModelSpec, torch.nn.Module]:
     if config.weights == "random":
         torch.manual_seed(0)  # a random-weights baseline is the same network every time, so it can be resumed
     return model_spec(config.model), create(config.model, weights=config.weights)
+
+
+def embedding_identity(spec, model: torch.nn.Module) -> dict[str, str]:
+    """The metadata (IDENTITY_KEYS) that says which embedding space vectors belong to: model, weights, preprocessing.
+    Vectors with different identities cannot be compared."""
+    pre = preprocessing(spec)
+    return {"retfm.model": spec.name, "retfm.weights_sha256": weights_sha256(model),
+            "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
+                                               "pooling": spec.pooling,
+                                               "resize": "antialiased, from the stored image"})}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

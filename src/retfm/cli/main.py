@@ -7,7 +7,8 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve, study, zeroshot
+from retfm.cli import (adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve, serve, study,
+                       zeroshot)
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -26,6 +27,7 @@ app.command()(finetune.finetune)
 app.command()(zeroshot.zeroshot)
 app.command()(study.study)
 app.command()(retrieve.retrieve)
+app.command()(serve.serve)
 
 
 def _version(value: bool) -> None:
