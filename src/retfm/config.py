@@ -107,6 +107,7 @@ class PretrainConfig(BaseModel):
                                                           "or one set of shards: folder, brace pattern or URL")
     data_weights: list[float] | None = Field(None, description="sampling share of each --data (default: by size)")
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
+    sites: list[str] | None = Field(None, description="manifests: rows of these sites only (null: every site)")
     shuffle_buffer: int = Field(1000, ge=0, description="shards: mix samples from this many recent reads")
     model: str = Field(..., description="registry name or retfm checkpoint: the architecture and preprocessing")
     init: str | None = Field(None, description="initial weights: a file, or null for random initialisation")
@@ -280,6 +281,54 @@ class StudyConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be distinct, got {names}")
         return value
+
+
+class FederatedSite(BaseModel):
+    """One site of a simulated federation: its data, and its rows' ``site`` value when sites share a manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1)
+    data: str = Field(..., description="ingest folder or manifest file holding the site's images")
+    rows: str | None = Field(None, description="the manifest's site value of this site's rows (null: all rows)")
+
+
+FEDERATED_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+class FederatedConfig(BaseModel):
+    """Options of ``retfm federated run`` (see docs/federated.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | None = Field(None, description="one ingest folder or manifest: one site per value of its site column")
+    sites: list[FederatedSite] | None = Field(None, description="or the sites one by one (several manifests)")
+    pretrain: dict = Field(..., description="retfm pretrain options of every site's local work (objective, model, "
+                                            "batch_size, blr, ...); data comes from the sites")
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(10, ge=1, description="optimiser steps per site and round")
+    strategy: Literal[FEDERATED_STRATEGIES] = "fedavg"
+    strategy_options: dict = Field(default_factory=dict, description="keyword arguments of the Flower strategy, "
+                                                                     "e.g. proximal_mu, beta, num_malicious_nodes")
+    evaluate_label: str | None = Field(None, description="label probed at every site after every round "
+                                                         "(null: no evaluation)")
+    transfer: Literal["fp32", "fp16"] = Field("fp32", description="precision of the weights sites send back")
+    max_abs_weight: float = Field(1e4, gt=0, description="a reply with a weight beyond this (or NaN/Inf) is "
+                                                         "rejected before aggregation")
+    timeout: float = Field(3600, gt=0, description="seconds the coordinator waits for a round's replies")
+    cpus_per_site: float = Field(1, gt=0, description="simulation: CPU cores reserved for each site")
+
+    @field_validator("pretrain")
+    @classmethod
+    def _check_pretrain(cls, value):
+        if "data" in value or "sites" in value:
+            raise ValueError("pretrain.data / pretrain.sites come from the federation's sites; leave them out")
+        PretrainConfig.model_validate({**value, "data": ["site"]})
+        return value
+
+    def pretrain_config(self) -> PretrainConfig:
+        """The sites' pretraining options (``data`` is set per site)."""
+        return PretrainConfig.model_validate({**self.pretrain, "data": ["site"]})
 
 
 def parse_set(assignment: str) -> tuple[list[str], object]:

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import (adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve, serve, study,
+from retfm.cli import (adapt, data, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve,
                        zeroshot)
 from retfm.cli.common import console
 from retfm.errors import RetfmError
@@ -18,6 +18,7 @@ app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrai
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(knowledge.app, name="knowledge")
+app.add_typer(federated.app, name="federated")
 app.add_typer(retrieve.index_app, name="index")
 app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)

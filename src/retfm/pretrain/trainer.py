@@ -41,7 +41,7 @@ from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
-from retfm.models import create, save_checkpoint
+from retfm.models import ModelSpec, create, save_checkpoint
 from retfm.models import spec as model_spec
 from retfm.pretrain.sampling import BatchShard
 from retfm.runs import check_run_folder, checked_device, save_whole
@@ -62,14 +62,9 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         progress = total = on_log = None
     torch.manual_seed(config.seed)
 
-    spec = model_spec(config.model)
-    size = config.image_size or spec.input_size
-    spec = dataclasses.replace(spec, input_size=size)
-    backbone = create(config.model, weights=config.init or "random", img_size=size)
-    patch = backbone.patch_embed.patch_size[0]
-    if size % patch:
-        raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
-    objective = build_objective(config, backbone).to(device).train()
+    spec, objective = build_model(config)
+    size = spec.input_size
+    objective = objective.to(device).train()
     objective.shard = shard
     tokenizer = objective.tokenizer() if hasattr(objective, "tokenizer") else None
     data = open_data(config, Preprocessing(size, spec.mean, spec.std), tokenizer)
@@ -78,11 +73,9 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     lr = config.blr * images_per_step / 256
     optimiser = build_optimiser(objective, config, lr, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config, lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler, autocast = mixed_precision(config, device)
     ema = (AveragedModel(objective.backbone, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
            if config.ema else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
-                              enabled=config.precision != "fp32")
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
     if resume:
@@ -119,27 +112,8 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     started = time.perf_counter() - state["seconds"]
     window = (time.perf_counter(), state["images_seen"])
     while state["step"] < config.steps:
-        losses: dict[str, float] = {}
-        for micro in range(config.accum_steps):
-            batch, state["epoch"], state["batch_in_epoch"] = next(batches)
-            images = batch["image"].to(device, non_blocking=True)
-            inputs = (images, batch["text"].to(device)) if "text" in batch else (images,)
-            # Under DDP gradients are averaged once per step, at the last micro-batch's backward.
-            accumulating = shard.world > 1 and micro < config.accum_steps - 1
-            with step_model.no_sync() if accumulating else contextlib.nullcontext():
-                with autocast:
-                    result = step_model(*inputs)
-                scaler.scale(result["loss"] / config.accum_steps).backward()
-            for key, value in result.items():
-                if value.ndim == 0:
-                    losses[key] = losses.get(key, 0.0) + float(value.detach()) / config.accum_steps
-            state["images_seen"] += len(images) * shard.world
-        if config.clip_grad:
-            scaler.unscale_(optimiser)
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad)
-        scaler.step(optimiser)
-        scaler.update()
-        optimiser.zero_grad(set_to_none=True)
+        losses = optimiser_step(step_model, objective, batches, optimiser, scaler, autocast, config, shard, device,
+                                state)
         schedule.step()
         if ema is not None:
             ema.update_parameters(objective.backbone)
@@ -187,6 +161,38 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         if hasattr(objective, "export"):  # image-text models also write both towers
             objective.export(out, final, card)
     return card
+
+
+def optimiser_step(step_model: torch.nn.Module, objective: torch.nn.Module, batches, optimiser: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, autocast, config: PretrainConfig, shard: BatchShard,
+                   device: torch.device, state: dict,
+                   penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """One optimiser step: ``accum_steps`` micro-batches from ``batches``, backward, optional clipping, AdamW.
+    Advances ``state``'s data position and images seen; returns the step's mean losses. ``penalty()`` is added
+    to every micro-batch's loss (a federated site's proximal term); the learning-rate schedule is the caller's."""
+    losses: dict[str, float] = {}
+    for micro in range(config.accum_steps):
+        batch, state["epoch"], state["batch_in_epoch"] = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        inputs = (images, batch["text"].to(device)) if "text" in batch else (images,)
+        # Under DDP gradients are averaged once per step, at the last micro-batch's backward.
+        accumulating = shard.world > 1 and micro < config.accum_steps - 1
+        with step_model.no_sync() if accumulating else contextlib.nullcontext():
+            with autocast:
+                result = step_model(*inputs)
+                loss = result["loss"] if penalty is None else result["loss"] + penalty()
+            scaler.scale(loss / config.accum_steps).backward()
+        for key, value in result.items():
+            if value.ndim == 0:
+                losses[key] = losses.get(key, 0.0) + float(value.detach()) / config.accum_steps
+        state["images_seen"] += len(images) * shard.world
+    if config.clip_grad:
+        scaler.unscale_(optimiser)
+        torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad)
+    scaler.step(optimiser)
+    scaler.update()
+    optimiser.zero_grad(set_to_none=True)
+    return losses
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -267,8 +273,12 @@ class MixedData:
             manifest = Manifest.read(path)
             if config.split:
                 manifest = manifest.split(config.split)
+            if config.sites is not None:
+                manifest = Manifest(manifest.table[manifest.table["site"].astype(str).isin(config.sites)]
+                                    .reset_index(drop=True), manifest.root, manifest.metadata)
             if not len(manifest.table):
-                raise RetfmError(f"{path}: no images in split {config.split!r}")
+                raise RetfmError(f"{path}: no images in split {config.split!r}"
+                                 + (f" of site(s) {', '.join(config.sites)}" if config.sites is not None else ""))
             dataset = ManifestDataset(manifest, train_transform(pre), seed=config.seed, group_columns=(),
                                       decode_size=pre.size)
             if tokenizer is not None:
@@ -371,6 +381,27 @@ def _manifest_file(path: str) -> Path:
 
 
 # ---- model and optimisation -------------------------------------------------------------------------------------
+
+def build_model(config: PretrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
+    """The run's model spec (at the run's image size) and its objective around a fresh backbone, initialised from
+    ``config.init`` or at random from torch's global RNG."""
+    spec = model_spec(config.model)
+    size = config.image_size or spec.input_size
+    spec = dataclasses.replace(spec, input_size=size)
+    backbone = create(config.model, weights=config.init or "random", img_size=size)
+    patch = backbone.patch_embed.patch_size[0]
+    if size % patch:
+        raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
+    return spec, build_objective(config, backbone)
+
+
+def mixed_precision(config: PretrainConfig, device: torch.device) -> tuple[torch.amp.GradScaler, torch.autocast]:
+    """The gradient scaler (fp16 only) and the autocast context of ``config.precision``."""
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
+                              enabled=config.precision != "fp32")
+    return scaler, autocast
+
 
 def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.nn.Module:
     from retfm.pretrain.clip import CLIP

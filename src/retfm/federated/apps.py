@@ -1,0 +1,193 @@
+"""Flower apps of a retfm federation, on Flower's Message API.
+
+The ClientApp is a site: ``train`` runs :func:`retfm.federated.task.local_pretrain` from the global weights it
+receives and replies with its new weights and a MetricRecord (``num-examples``, ``loss``, ``steps``);
+``evaluate`` runs :func:`~retfm.federated.task.local_evaluate` and replies with aggregate metrics only. Each
+reply also carries a ConfigRecord ``site`` naming the site, so the coordinator can report per site.
+
+The ServerApp is the coordinator. Its loop is Flower's (a strategy configures and aggregates each round) with
+what a multi-site medical run needs around it: every reply is screened before aggregation (a site that failed,
+or sent NaN/Inf or out-of-range weights, is left out of the round and reported), fp16 replies are widened to
+fp32 before averaging, and the global weights and history are checkpointed after every round so a stopped run
+resumes at the next one. Strategies are Flower's own (``flwr.serverapp.strategy``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import strategy as flower
+
+from retfm.config import FederatedConfig
+from retfm.federated.task import Site, initial_weights, local_evaluate, local_pretrain
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
+              "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
+              "multikrum": flower.MultiKrum, "bulyan": flower.Bulyan}
+
+Recorder = Callable[[str, Message], None]  # (direction "sent" | "received", message)
+
+
+def build_strategy(config: FederatedConfig, sites: int) -> flower.Strategy:
+    """The configured Flower strategy; by default every site trains and evaluates in every round."""
+    options = {"min_available_nodes": sites, "min_train_nodes": sites, "min_evaluate_nodes": sites,
+               "fraction_evaluate": 1.0 if config.evaluate_label else 0.0, **config.strategy_options}
+    try:
+        return STRATEGIES[config.strategy](**options)
+    except (TypeError, ValueError) as exc:
+        from retfm.errors import RetfmError
+
+        raise RetfmError(f"strategy_options for {config.strategy}: {exc}") from None
+
+
+# ---- the site -----------------------------------------------------------------------------------------------------
+
+def client_app(sites: list[Site], config: FederatedConfig, train_fn=local_pretrain, evaluate_fn=local_evaluate
+               ) -> ClientApp:
+    """A ClientApp serving ``sites``; a node's site is its ``partition-id`` (set by the simulation engine, or by
+    ``flower-supernode --node-config partition-id=N``). ``train_fn`` / ``evaluate_fn`` are the site's work."""
+    app = ClientApp()
+    pretrain = config.pretrain_config()
+
+    def site_of(context: Context) -> Site:
+        # a simulated site computes on the cores reserved for it, not on every core of the machine
+        torch.set_num_threads(max(1, int(config.cpus_per_site)))
+        return sites[int(context.node_config["partition-id"])]
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = site_of(context)
+        settings = msg.content["config"]
+        weights = msg.content["arrays"].to_torch_state_dict()
+        new, metrics = train_fn(weights, site, int(settings["local-steps"]), pretrain,
+                                int(settings["server-round"]), float(settings.get("proximal-mu", 0.0)))
+        if config.transfer == "fp16":
+            new = {k: v.half() if v.is_floating_point() else v for k, v in new.items()}
+        return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(metrics),
+                                   "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site = site_of(context)
+        weights = msg.content["arrays"].to_torch_state_dict()
+        metrics = evaluate_fn(weights, site, str(msg.content["config"]["label"]), pretrain)
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}),
+                       reply_to=msg)
+
+    return app
+
+
+# ---- the coordinator ----------------------------------------------------------------------------------------------
+
+def server_app(config: FederatedConfig, sites: int, out: Path, resume: bool = False,
+               recorder: Recorder | None = None) -> ServerApp:
+    """A ServerApp that runs the federation and checkpoints it in ``out`` (see :func:`coordinate`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        coordinate(grid, config, sites, out, resume, recorder)
+
+    return app
+
+
+def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resume: bool = False,
+               recorder: Recorder | None = None) -> dict:
+    """Run ``config.rounds`` rounds (from the last checkpoint when ``resume``); returns the checkpoint's content:
+    ``{"round", "weights", "history"}`` with one history entry per round."""
+    strategy = build_strategy(config, sites)
+    checkpoint_path = out / CHECKPOINT_FILENAME
+    if resume and checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    else:
+        saved = {"round": 0, "weights": initial_weights(config.pretrain_config())[1], "history": []}
+    arrays = ArrayRecord(saved["weights"])
+
+    def exchange(messages) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            _record(recorder, "sent", message)
+        replies = list(grid.send_and_receive(messages, timeout=config.timeout))
+        for reply in replies:
+            _record(recorder, "received", reply)
+        return replies, sum(_array_bytes(m) for m in messages), sum(_array_bytes(r) for r in replies)
+
+    for server_round in range(saved["round"] + 1, config.rounds + 1):
+        started = time.perf_counter()
+        replies, sent, received = exchange(strategy.configure_train(
+            server_round, arrays, ConfigRecord({"local-steps": config.local_steps}), grid))
+        accepted, rejected = screen(replies, config.max_abs_weight)
+        entry = {"round": server_round, "train": {_site(r): dict(r.content["metrics"]) for r in accepted},
+                 "rejected": rejected, "bytes_sent": sent, "bytes_received": received}
+        aggregated, _ = strategy.aggregate_train(server_round, accepted) if accepted else (None, None)
+        if aggregated is not None:
+            arrays = aggregated
+        entry["aggregated_sites"] = len(accepted) if aggregated is not None else 0
+        if config.evaluate_label:
+            replies, _, _ = exchange(strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord({"label": config.evaluate_label}), grid))
+            ok = [r for r in replies if not r.has_error()]
+            entry["evaluate"] = {_site(r): dict(r.content["metrics"]) for r in ok}
+            entry["evaluate_failed"] = [_failure(r) for r in replies if r.has_error()]
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        saved = {"round": server_round, "weights": arrays.to_torch_state_dict(), "history": saved["history"] + [entry]}
+        _save(checkpoint_path, saved)
+    return saved
+
+
+def screen(replies: list[Message], max_abs_weight: float) -> tuple[list[Message], list[dict]]:
+    """Replies fit to aggregate, and why each other one was left out: the site failed, or its weights hold a
+    NaN/Inf or a value beyond ``max_abs_weight``. Accepted fp16 weights are widened to fp32 in place, so that
+    averaging is done at full precision."""
+    accepted, rejected = [], []
+    for reply in replies:
+        if reply.has_error():
+            rejected.append(_failure(reply))
+            continue
+        record = reply.content["arrays"]
+        arrays = {key: array.numpy() for key, array in record.items()}
+        bad = next((key for key, value in arrays.items() if value.dtype.kind == "f" and not (
+            np.isfinite(value).all() and np.abs(value).max(initial=0) <= max_abs_weight)), None)
+        if bad is not None:
+            rejected.append({"site": _site(reply), "node": reply.metadata.src_node_id,
+                             "reason": f"weights of {bad} are NaN/Inf or beyond {max_abs_weight:g}"})
+            continue
+        reply.content["arrays"] = ArrayRecord({key: Array(value.astype(np.float32) if value.dtype == np.float16
+                                                          else value) for key, value in arrays.items()})
+        accepted.append(reply)
+    return accepted, rejected
+
+
+def _site(reply: Message) -> str:
+    return str(reply.content["site"]["name"])
+
+
+def _failure(reply: Message) -> dict:
+    return {"site": None, "node": reply.metadata.src_node_id,
+            "reason": f"site failed: {reply.error.reason.strip().splitlines()[-1][:200]}"}
+
+
+def _array_bytes(message: Message) -> int:
+    if message.has_error():
+        return 0
+    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+
+
+def _record(recorder: Recorder | None, direction: str, message: Message) -> None:
+    if recorder is not None:
+        recorder(direction, message)
+
+
+def _save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(payload, partial)
+    partial.replace(path)  # a checkpoint exists whole or not at all

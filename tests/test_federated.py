@@ -1,0 +1,155 @@
+"""Federation: FedAvg arithmetic, screening of bad replies, robust aggregation, the sites' local work, and a whole
+simulated run whose every message is inspected for anything but weights and aggregate metrics."""
+
+import sys
+
+import cloudpickle
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from retfm.config import FederatedConfig, IngestConfig
+from retfm.data.ingest import ingest
+from retfm.data.phantoms import generate_cohort
+from retfm.federated.apps import build_strategy, client_app, screen
+from retfm.federated.simulation import resolve_sites, simulate
+from retfm.federated.task import initial_weights, local_evaluate, local_pretrain
+from retfm.models import create
+
+PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 4, "workers": 0, "blr": 0.05}
+METRIC_KEYS = {"num-examples", "loss", "steps", "train-rows", "auroc", "accuracy", "balanced_accuracy", "f1_macro"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("federated")
+    generate_cohort(root / "raw", sites=3, per_site=24, size=96, seed=0)
+    ingest(root / "raw", root / "ds", IngestConfig(size=64, workers=1))
+    return root / "ds"
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages made outside a Flower run (the unit tests' replies) need a run and node identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def _config(cohort, **options) -> FederatedConfig:
+    return FederatedConfig(data=str(cohort), pretrain=PRETRAIN, **{"rounds": 2, "local_steps": 2, **options})
+
+
+def _reply(arrays: dict, examples: int, site: str) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": examples}), "site": ConfigRecord({"name": site})})
+    return Message(content=content, dst_node_id=0, message_type="train")
+
+
+def test_fedavg_of_known_arrays_is_the_weighted_mean(cohort):
+    replies = [_reply({"w": [1.0, 2.0], "b": [[0.0]]}, 1, "a"), _reply({"w": [4.0, 8.0], "b": [[3.0]]}, 2, "b")]
+    accepted, rejected = screen(replies, max_abs_weight=1e4)
+    aggregated, _ = build_strategy(_config(cohort), sites=2).aggregate_train(1, accepted)
+    result = aggregated.to_numpy_ndarrays()
+    assert rejected == []
+    np.testing.assert_allclose(dict(zip(aggregated.keys(), result))["w"], [(1 + 8) / 3, (2 + 16) / 3])
+    np.testing.assert_allclose(dict(zip(aggregated.keys(), result))["b"], [[2.0]])
+
+
+def test_nan_and_huge_replies_are_rejected_and_fp16_is_widened(cohort):
+    replies = [_reply({"w": np.array([1.0, 2.0], np.float16)}, 1, "honest"),
+               _reply({"w": [np.nan, 1.0]}, 1, "nan"), _reply({"w": [np.inf, 1.0]}, 1, "inf"),
+               _reply({"w": [1e6, 1.0]}, 1, "huge")]
+    accepted, rejected = screen(replies, max_abs_weight=1e4)
+    assert [r.content["site"]["name"] for r in accepted] == ["honest"]
+    assert accepted[0].content["arrays"]["w"].numpy().dtype == np.float32
+    assert [r["site"] for r in rejected] == ["nan", "inf", "huge"]
+    assert all("NaN/Inf or beyond" in r["reason"] for r in rejected)
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "krum", "fedtrimmedavg"])
+def test_a_scaled_site_is_outweighed_by_robust_aggregation(cohort, strategy):
+    rng = np.random.default_rng(0)
+    honest = [rng.normal(0, 0.01, 50) for _ in range(4)]
+    attacker = honest[0] * 100 + 20  # within the screen's range: only the strategy can stop it
+
+    def replies():  # fresh each time: some Flower strategies consume the replies' arrays as they aggregate
+        accepted, rejected = screen([_reply({"w": w}, 10, f"s{i}") for i, w in enumerate(honest)]
+                                    + [_reply({"w": attacker}, 10, "bad")], max_abs_weight=1e4)
+        assert len(accepted) == 5 and rejected == []
+        return accepted
+
+    options = {"beta": 0.2} if strategy == "fedtrimmedavg" else {"num_malicious_nodes": 1} if strategy == "krum" else {}
+    config = _config(cohort, strategy=strategy, strategy_options=options)
+    robust, _ = build_strategy(config, sites=5).aggregate_train(1, replies())
+    plain, _ = build_strategy(_config(cohort), sites=5).aggregate_train(1, replies())
+    clean = np.mean(honest, axis=0)
+    robust_error = np.abs(robust.to_numpy_ndarrays()[0] - clean).max()
+    plain_error = np.abs(plain.to_numpy_ndarrays()[0] - clean).max()
+    assert robust_error < 0.05 and plain_error > 1.0  # FedAvg is dragged off by the attacker, the robust one not
+
+
+def test_local_work_returns_weights_and_aggregate_metrics_only(cohort):
+    config = _config(cohort)
+    pretrain = config.pretrain_config()
+    site = resolve_sites(config)[0]
+    _, weights = initial_weights(pretrain)
+    assert not any(k.startswith("teacher.") for k in weights) and any(k.startswith("backbone.") for k in weights)
+    new, metrics = local_pretrain(weights, site, 2, pretrain)
+    assert new.keys() == weights.keys() and metrics["num-examples"] == 16 and metrics["steps"] == 2
+    changed = max(float((new[k] - weights[k]).abs().max()) for k in weights)
+    anchored, _ = local_pretrain(weights, site, 2, pretrain, proximal_mu=1e3)  # FedProx pulls toward the global
+    distance = sum(float(((new[k] - weights[k]) ** 2).sum()) for k in weights)
+    anchored_distance = sum(float(((anchored[k] - weights[k]) ** 2).sum()) for k in weights)
+    assert changed > 1e-4 and anchored_distance < distance
+    evaluation = local_evaluate(new, site, "glaucoma", pretrain)
+    assert set(evaluation) <= METRIC_KEYS and evaluation["num-examples"] == 6
+    assert all(isinstance(v, (int, float)) for v in evaluation.values())
+
+
+def _train_or_fail(weights, site, steps, config, server_round, mu):
+    """A site that crashes in the middle of round 1."""
+    if site.name == "site3" and server_round == 1:
+        raise RuntimeError("disk unplugged")
+    return local_pretrain(weights, site, steps, config, server_round, mu)
+
+
+def test_a_simulated_run_moves_only_weights_and_metrics_and_survives_a_crashed_site(cohort, tmp_path):
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers get the failing site by value
+    config = _config(cohort, evaluate_label="glaucoma")
+    sites = resolve_sites(config)
+    messages = []
+    report = simulate(config, tmp_path / "run", recorder=lambda direction, m: messages.append((direction, m)),
+                      client=client_app(sites, config, train_fn=_train_or_fail))
+
+    first, second = report["rounds"]
+    assert first["aggregated_sites"] == 2 and set(first["train"]) == {"site1", "site2"}
+    assert len(first["rejected"]) == 1 and "disk unplugged" in first["rejected"][0]["reason"]
+    assert second["aggregated_sites"] == 3 and set(second["evaluate"]) == {"site1", "site2", "site3"}
+    initial = initial_weights(config.pretrain_config())[1]
+    final = create(str(tmp_path / "run" / "model.safetensors")).state_dict()
+    assert max(float((final[k] - initial[f"backbone.{k}"]).abs().max()) for k in final) > 1e-4
+    assert (tmp_path / "run" / "report.md").read_text().count("| 2 | site") == 3
+
+    # Every message of the run: weights of the model's own shapes, scalar metrics, no identifier anywhere.
+    manifest = pd.read_parquet(cohort / "manifest.parquet")
+    identifiers = set(manifest["image_id"]) | set(manifest["patient_id"]) | set(manifest["path"])
+    shapes = {k: tuple(v.shape) for k, v in initial.items()}
+    assert len(messages) == 2 * 2 * 2 * 3  # 2 rounds x (train + evaluate) x (sent + received) x 3 sites
+    for direction, message in messages:
+        if message.has_error():
+            assert direction == "received" and "disk unplugged" in message.error.reason
+            continue
+        content = message.content
+        assert set(content.keys()) <= {"arrays", "config", "metrics", "site"}
+        for record in content.array_records.values():
+            assert {k: tuple(a.shape) for k, a in record.items()} == shapes
+        for record in content.metric_records.values():
+            assert set(record) <= METRIC_KEYS and all(isinstance(v, (int, float)) for v in record.values())
+        for record in content.config_records.values():  # round settings, the label's name, the site's name
+            for value in record.values():
+                assert isinstance(value, (int, float)) or value in {"glaucoma", "site1", "site2", "site3"}
+                assert str(value) not in identifiers
