@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--tr-steps", type=int, help="steps of the token-reconstruction runs [default: --steps]")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--runs", default="mae,token-reconstruction,mae+token-reconstruction",
+                        help="which pretrainings to run and probe (comma-separated)")
     parser.add_argument("--out", type=Path, default=HERE / "_work" / "retinamnist")
     args = parser.parse_args()
     work = args.out
@@ -60,7 +62,8 @@ def main() -> None:
                                          "--init", str(work / "mae" / "model.safetensors")]}
     results = {"steps": args.steps, "tr_steps": args.tr_steps or args.steps, "batch_size": args.batch_size,
                "random": {**probe(work, "random", ["--model", "vit-tiny-p4", "--weights", "random"]), "pretrain_cpu_minutes": 0.0}}
-    for name, options in runs.items():
+    for name in args.runs.split(","):
+        options = runs[name]
         out = work / name
         if not (out / "model.safetensors").exists():
             retfm("pretrain", *common, *options, "--out", str(out))

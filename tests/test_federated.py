@@ -7,7 +7,6 @@ import cloudpickle
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from retfm.config import FederatedConfig, IngestConfig

@@ -57,7 +57,7 @@ def probe(embeddings: Path, out: Path, config: ProbeConfig) -> dict:
     if not train.any() or not test.any():
         raise RetfmError(f"{embeddings}: needs rows with split=train and split=test for {label!r}")
     if not val.any() or len(np.unique(y[val])) < 2:
-        train, val = _hold_out(table, train, y, config.seed)
+        train, val = hold_out(table, train, y, config.seed)
     task = resolve_task(config.task, label, classes)
 
     weights = None
@@ -192,7 +192,7 @@ class KnnHead:
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
-def _hold_out(table: pd.DataFrame, train: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def hold_out(table: pd.DataFrame, train: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """15% of the training patients (or images) for choosing C / k and the threshold, when there is no usable
     validation split."""
     index = np.flatnonzero(train)

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import (adapt, data, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve,
+from retfm.cli import (adapt, data, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve, study,
                        zeroshot)
 from retfm.cli.common import console
 from retfm.errors import RetfmError

@@ -13,15 +13,15 @@ site rebuilds the same frozen teacher and it never crosses the wire.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
-from retfm.adapt.probe import LogisticHead, _hold_out
+from retfm.adapt.probe import LogisticHead, hold_out
 from retfm.config import PretrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
@@ -81,13 +81,7 @@ def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainCon
     data = MixedData(config, Preprocessing(spec.input_size, spec.mean, spec.std))
     optimiser = build_optimiser(objective, config, config.blr * config.batch_size * config.accum_steps / 256, device)
     scaler, autocast = mixed_precision(config, device)
-    penalty = None
-    if proximal_mu > 0:
-        anchor = {name: p.detach().clone() for name, p in objective.named_parameters() if p.requires_grad}
-
-        def penalty() -> torch.Tensor:
-            return proximal_mu / 2 * sum(((p - anchor[name]) ** 2).sum()
-                                         for name, p in objective.named_parameters() if p.requires_grad)
+    penalty = _proximal_term(objective, proximal_mu) if proximal_mu > 0 else None
 
     state = {"epoch": server_round, "batch_in_epoch": 0, "images_seen": 0}
     batches = data.batches(server_round, 0, config.batch_size, config.workers)
@@ -95,6 +89,16 @@ def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainCon
                              device, state, penalty)["loss"] for _ in range(steps)]
     return shared_state(objective), {"num-examples": data.epoch_size, "loss": float(np.mean(losses)),
                                      "steps": steps}
+
+
+def _proximal_term(objective: torch.nn.Module, mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx: mu/2 x the squared distance of the trainable weights from where the round started."""
+    anchor = {name: p.detach().clone() for name, p in objective.named_parameters() if p.requires_grad}
+
+    def penalty() -> torch.Tensor:
+        return mu / 2 * sum(((p - anchor[name]) ** 2).sum()
+                            for name, p in objective.named_parameters() if p.requires_grad)
+    return penalty
 
 
 def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainConfig, classes: list | None = None,
@@ -121,7 +125,7 @@ def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainCon
     vectors = embed_rows(objective.backbone, Manifest(table, manifest.root), spec, batch_size)
     y = table[label].map({c: i for i, c in enumerate(classes)}).to_numpy()
     if not val.any() or len(np.unique(y[val])) < 2:
-        train, val = _hold_out(table, train, y, config.seed)
+        train, val = hold_out(table, train, y, config.seed)
     head = LogisticHead(config.seed)
     head.fit(vectors[train], y[train], vectors[val], y[val], len(classes))
     task = resolve_task("auto", label, classes)
