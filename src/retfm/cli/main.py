@@ -7,8 +7,8 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import (adapt, data, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve, study,
-                       zeroshot)
+from retfm.cli import (adapt, data, demo, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve,
+                       study, zeroshot)
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -29,6 +29,7 @@ app.command()(zeroshot.zeroshot)
 app.command()(study.study)
 app.command()(retrieve.retrieve)
 app.command()(serve.serve)
+app.command()(demo.demo)
 
 
 def _version(value: bool) -> None:
