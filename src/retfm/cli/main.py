@@ -7,7 +7,7 @@ import sys
 import typer
 
 from retfm import __version__
-from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve
+from retfm.cli import adapt, data, evaluate, finetune, knowledge, models, pretrain, retrieve, synth
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -18,6 +18,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(knowledge.app, name="knowledge")
 app.add_typer(retrieve.index_app, name="index")
+app.add_typer(synth.app, name="synth")
 app.command(name="evaluate")(evaluate.evaluate)
 app.command()(adapt.embed)
 app.command()(adapt.probe)
