@@ -206,7 +206,9 @@ class SynthAuditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("tiny-vit", description="encoder whose feature space the audit measures in: registry name "
-                                               "or retfm checkpoint (a pretrained retinal encoder for real audits)")
+                                               "or retfm checkpoint (a pretrained retinal encoder for real audits), "
+                                               "or 'pixels'")
+    pixel_size: int = Field(16, ge=2, le=256, description="side of the images in the 'pixels' feature space")
     weights: str | None = Field(None, description="weights file, 'random', or none for the model's own source")
     real_split: Literal["train", "val", "test"] | None = Field("train", description="real images the generator "
                                                                                      "was trained on")

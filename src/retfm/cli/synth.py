@@ -81,7 +81,7 @@ def audit(
     real: Path = typer.Option(..., "--real", help="ingest folder or manifest of the real images it was trained on"),
     synthetic: Path = typer.Option(..., "--synthetic", help="folder written by `retfm synth sample`"),
     out: Path = typer.Option(..., "--out", help="folder for audit.json and report.html"),
-    model: str = typer.Option(None, "--model", help="encoder: registry name or retfm checkpoint [default: "
+    model: str = typer.Option(None, "--model", help="encoder: registry name, retfm checkpoint or pixels [default: "
                                                     "tiny-vit; use a pretrained retinal encoder]"),
     weights: str = typer.Option(None, "--weights", help="encoder weights file, or 'random' [default: its own]"),
     device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),

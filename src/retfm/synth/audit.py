@@ -4,6 +4,9 @@ Everything is measured in one encoder's feature space (any registry model or ret
 neither retinal nor available offline). With random weights (tests) the numbers only show that the code works;
 real audits need a pretrained retinal encoder.
 
+With ``--model pixels`` the space is the images shrunk to a few pixels a side: no encoder needed, and
+near-copies and colour/lesion-load differences show, but anatomy and fine signs do not.
+
 - Fidelity: Fréchet distance between Gaussians fitted to real and synthetic features (FID's formula, in this
   space), and precision / recall against k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019): precision is
   the share of synthetic images inside some real image's ball (radius: distance to its k-th real neighbour),
@@ -39,6 +42,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, cohen_kappa_
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from retfm import __version__
 from retfm.adapt.probe import LogisticHead
@@ -50,6 +54,7 @@ from retfm.models import create, preprocessing, spec as model_spec
 from retfm.synth.train import CARD_FILENAME
 
 AUDIT_FILENAME, REPORT_FILENAME = "audit.json", "report.html"
+PIXELS = "pixels"
 
 
 def audit(generator: Path, real: Path, synthetic: Path, out: Path, config: SynthAuditConfig) -> dict:
@@ -94,23 +99,32 @@ def audit(generator: Path, real: Path, synthetic: Path, out: Path, config: Synth
 
 
 class Encoder:
-    """The audit's feature space: a registry model with its own preprocessing, batched, in inference mode."""
+    """The audit's feature space: a registry model with its own preprocessing, batched, in inference mode; or
+    ``pixels``: the image shrunk to ``pixel_size`` (a baseline space that needs no encoder, blind to semantics)."""
 
     def __init__(self, config: SynthAuditConfig):
+        self.device = torch.device(config.device)
+        self.batch_size = config.batch_size
+        if config.model == PIXELS:
+            self.model = torch.nn.Flatten()
+            self.transform = v2.Compose([v2.ToImage(), v2.Resize((config.pixel_size,) * 2, antialias=True),
+                                         v2.ToDtype(torch.float32, scale=True)])
+            self.description = {"model": f"pixels ({config.pixel_size}x{config.pixel_size} RGB)", "weights": "none",
+                                "note": "pixel space: closeness of colours and layout, not of disease signs"}
+            return
         spec = model_spec(config.model)
         if config.weights == "random":
             torch.manual_seed(config.seed)  # the same random network every run, so audits compare
-        self.device = torch.device(config.device)
         self.model = create(config.model, weights=config.weights).eval().to(self.device)
-        self.pre = preprocessing(spec)
-        self.batch_size = config.batch_size
+        pre = preprocessing(spec)
+        self.transform = eval_transform(pre)
         self.description = {"model": spec.name, "weights": config.weights or "published",
                             "note": "random weights: numbers check the code only" if config.weights == "random"
                             else ""}
 
     @torch.inference_mode()
     def __call__(self, manifest: Manifest) -> np.ndarray:
-        dataset = ManifestDataset(manifest, eval_transform(self.pre), group_columns=(), decode_size=self.pre.size)
+        dataset = ManifestDataset(manifest, self.transform, group_columns=())
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=0)
         return np.concatenate([self.model(batch["image"].to(self.device)).float().cpu().numpy()
                                for batch in loader]).astype(np.float64)
