@@ -55,7 +55,7 @@ def main() -> None:
                          f"{LABEL}_share": round(float(manifest.table[LABEL].mean()), 3)}
 
     # 1. a normal generator
-    config = SynthTrainConfig(data=str(out / "real"), label=LABEL, size=32, block_out_channels=(32, 64),
+    config = SynthTrainConfig(data=str(out / "real"), label=LABEL, size=32, block_out_channels=(16, 32, 64),
                               steps=args.steps, batch_size=16, lr=1e-3, warmup_steps=20, workers=0,
                               checkpoint_every=100, log_every=20)
     card = train(config, out / "generator")

@@ -19,7 +19,7 @@ def train(
     cond: list[str] = typer.Option(None, "--cond", help="further condition column, e.g. site (repeatable)"),
     out: Path = typer.Option(..., "--out", help="generator folder: unet/, scheduler/, generator.json, "
                                                 "checkpoint.pt, log.jsonl"),
-    size: int = typer.Option(None, "--size", help="image side in pixels, e.g. 64, 128, 256 [default: 64]"),
+    size: int = typer.Option(None, "--size", help="image side in pixels: 64, 128 or 256 (any multiple of 2^(levels-1)) [default: 64]"),
     steps: int = typer.Option(None, "--steps", help="optimiser steps [default: 2000]"),
     batch_size: int = typer.Option(None, "--batch-size", help="images per step [default: 32]"),
     device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
