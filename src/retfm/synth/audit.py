@@ -38,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy import linalg
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, cohen_kappa_score
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, cohen_kappa_score, pairwise_distances_chunked
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import DataLoader
@@ -148,8 +148,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
     def coverage(manifold: np.ndarray, queries: np.ndarray) -> float:
         neighbours = min(k, len(manifold) - 1)
         radii = NearestNeighbors(n_neighbors=neighbours + 1).fit(manifold).kneighbors(manifold)[0][:, -1]
-        distances = np.linalg.norm(queries[:, None, :] - manifold[None, :, :], axis=2)
-        return float((distances <= radii[None, :]).any(axis=1).mean())
+        inside = [(chunk <= radii[None, :]).any(axis=1)  # query rows in chunks: memory stays small
+                  for chunk in pairwise_distances_chunked(queries, manifold)]
+        return float(np.concatenate(inside).mean())
 
     return {"precision": coverage(real, fake), "recall": coverage(fake, real), "k": k}
 
@@ -163,12 +164,12 @@ def label_fidelity(real_features, real_table, training, fake_features, fake_labe
     fit_rows = np.flatnonzero(training & known)
     val_rows = np.flatnonzero((real_table["split"] == "val").to_numpy() & known)
     if len(val_rows) < 2 or len(np.unique(y_real[val_rows])) < 2:
-        stratify = y_real[fit_rows] if np.bincount(y_real[fit_rows]).min(initial=0) >= 2 else None
         if len(fit_rows) < 4:
             return {"note": f"fewer than 4 real images with {label}: no classifier trained"}
-        fit_rows, val_rows = train_test_split(fit_rows, test_size=0.25, random_state=seed,
-                                              stratify=stratify if stratify is not None and
-                                              len(np.unique(stratify)) * 2 <= len(fit_rows) else None)
+        counts = np.bincount(y_real[fit_rows])
+        present = counts[counts > 0]
+        stratify = y_real[fit_rows] if present.min() >= 2 and len(present) <= len(fit_rows) // 4 else None
+        fit_rows, val_rows = train_test_split(fit_rows, test_size=0.25, random_state=seed, stratify=stratify)
     head = LogisticHead(seed=seed)
     head.fit(real_features[fit_rows], y_real[fit_rows], real_features[val_rows], y_real[val_rows], len(classes))
     y_fake = np.array([index[v] for v in fake_labels])
