@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=700, help="generator training steps")
     parser.add_argument("--overfit-steps", type=int, default=300)
     parser.add_argument("--n", type=int, default=120, help="synthetic images sampled")
+    parser.add_argument("--generator", type=Path, help="reuse a generator trained on this cohort with the settings "
+                                                        "below (skips that training, e.g. on a busy machine)")
     parser.add_argument("--pretrain-steps", type=int, default=60)
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -60,10 +62,14 @@ def main() -> None:
     config = SynthTrainConfig(data=str(out / "real"), label=LABEL, size=16, block_out_channels=(32, 64),
                               steps=args.steps, batch_size=32, lr=2e-3, warmup_steps=20, workers=0,
                               checkpoint_every=100, log_every=50)
-    card = train(config, out / "generator")
+    if args.generator:
+        shutil.copytree(args.generator, out / "generator")
+        card = json.loads((out / "generator" / "generator.json").read_text())
+    else:
+        card = train(config, out / "generator")
     losses = [json.loads(line)["loss"] for line in (out / "generator" / "log.jsonl").read_text().splitlines()]
     _save(out, results)
-    results["generator"] = {"steps": card["steps"], "images_seen": card["images_seen"],
+    results["generator"] = {"reused": str(args.generator or ""), "steps": card["steps"], "images_seen": card["images_seen"],
                             "cpu_minutes": round(card["compute"]["device_hours"] * 60, 2),
                             "loss_first_logged": losses[0], "loss_last_logged": losses[-1]}
     started = time.perf_counter()
