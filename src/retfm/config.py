@@ -144,6 +144,87 @@ class PretrainConfig(BaseModel):
         return value
 
 
+class SynthTrainConfig(BaseModel):
+    """Options of ``retfm synth train`` (see docs/synth.md): a class-conditional pixel-space diffusion model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(..., description="ingest folder or manifest file")
+    label: str = Field(..., description="label column the images are conditioned on")
+    cond: list[str] = Field(default_factory=list, description="further condition columns, e.g. site")
+    split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
+    size: int = Field(64, ge=16, le=512, description="side of the generated square images")
+    block_out_channels: tuple[int, ...] = Field((32, 64, 128), min_length=2,
+                                                description="UNet channels per resolution level")
+    layers_per_block: int = Field(1, ge=1)
+    norm_groups: int = Field(8, ge=1, description="GroupNorm groups (divides every channel count)")
+    train_timesteps: int = Field(1000, ge=10, description="DDPM noise levels")
+    cond_drop: float = Field(0.1, ge=0, lt=1, description="share of training images shown with the null class, "
+                                                           "which classifier-free guidance needs")
+    steps: int = Field(2000, ge=1, description="optimiser steps")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    flip: bool = Field(True, description="random horizontal flips (left and right eyes mirror each other)")
+    ema: bool = Field(True, description="save an exponential moving average of the weights (warmup schedule)")
+    ema_max_decay: float = Field(0.9999, gt=0, lt=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1)
+
+    @field_validator("block_out_channels", mode="before")
+    @classmethod
+    def _parse_channels(cls, value):
+        if isinstance(value, str):
+            return tuple(int(v) for v in value.split(","))
+        return value
+
+
+class SynthSampleConfig(BaseModel):
+    """Options of ``retfm synth sample``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(..., ge=1, description="images to generate")
+    labels: str | None = Field(None, description='condition shares, e.g. "dr_grade=0:0.5,1:0.5;site=site1:1" '
+                                                 "(default: the training data's shares)")
+    sampler: Literal["ddim", "dpm"] = Field("ddim", description="DDIM or DPM-Solver++ (multistep)")
+    inference_steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale (1: conditional only, "
+                                                   "0: unconditional)")
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class SynthAuditConfig(BaseModel):
+    """Options of ``retfm synth audit``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny-vit", description="encoder whose feature space the audit measures in: registry name "
+                                               "or retfm checkpoint (a pretrained retinal encoder for real audits), "
+                                               "or 'pixels'")
+    pixel_size: int = Field(16, ge=2, le=256, description="side of the images in the 'pixels' feature space")
+    weights: str | None = Field(None, description="weights file, 'random', or none for the model's own source")
+    real_split: Literal["train", "val", "test"] | None = Field("train", description="real images the generator "
+                                                                                     "was trained on")
+    k: int = Field(3, ge=1, description="neighbours defining the k-NN manifolds of precision and recall")
+    copy_ratio: float = Field(0.5, gt=0, description="a synthetic image is a near-copy when its distance to the "
+                                                     "nearest real image is below this share of the median "
+                                                     "real-to-real nearest-neighbour distance")
+    flag_share: float = Field(0.05, ge=0, le=1, description="the generator is flagged as memorising when more "
+                                                           "than this share of its images are near-copies")
+    thumbnails: int = Field(12, ge=0, description="near-copies shown in the report")
+    batch_size: int = Field(32, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+
+
 class IndexConfig(BaseModel):
     """Options of ``retfm index build`` (see docs/retrieval.md)."""
 

@@ -1,0 +1,1 @@
+"""Synthetic fundus photographs: conditional diffusion training, sampling, and audits (DERETFound)."""

@@ -1,0 +1,171 @@
+"""``retfm synth sample``: images from a generator, with a manifest ``retfm pretrain --data`` reads as it is.
+
+Each image ``i`` has its own condition and its own starting noise, both functions of (seed, i), and DDIM (eta 0)
+and DPM-Solver++ are deterministic; so an image is the same whichever batch it is drawn in, and an interrupted
+run resumes by skipping the images already written (each is written atomically). Classifier-free guidance:
+``eps = eps_null + guidance * (eps_cond - eps_null)``.
+
+Output: ``OUT/images/<image_id>.png``, ``OUT/manifest.parquet`` (image_id, path, site, split=train,
+synthetic=true, the condition columns, generator_id, generator_sha256) and ``OUT/sample.json`` (generator card
+summary and the sampling config, which a resumed run must match).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from retfm.config import SynthSampleConfig
+from retfm.data.manifest import Manifest
+from retfm.errors import RetfmError
+from retfm.synth.train import Conditions, load_generator
+
+SAMPLE_FILENAME = "sample.json"
+SYNTHETIC_SITE = "synthetic"  # the site of images from a generator not conditioned on site
+
+
+def sample(generator: Path, out: Path, config: SynthSampleConfig,
+           progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
+    """Write ``config.n`` images and their manifest to ``out``; returns a summary."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    unet, scheduler_config, card = load_generator(generator)
+    unet.to(device)
+    conditions = Conditions(card["conditions"])
+    shares = parse_shares(config.labels, card)
+    rows = assign_conditions(config.n, shares, config.seed)
+    classes = conditions.index({c: rows[c].tolist() for c in conditions.columns})
+    short = card["weights_sha256"][:8]
+    rows.insert(0, "image_id", [f"syn-{short}-{config.seed}-{i:07d}" for i in range(config.n)])
+    rows.insert(1, "path", [f"images/{image_id}.png" for image_id in rows["image_id"]])
+    _claim(out, card, config)
+
+    todo = [i for i in range(config.n) if not (out / rows["path"][i]).is_file()]
+    if total:
+        total(config.n)
+    if progress and len(todo) < config.n:
+        progress(config.n - len(todo))
+    scheduler = _scheduler(config, scheduler_config)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(todo), config.batch_size):
+        chosen = todo[start:start + config.batch_size]
+        noise = torch.stack([initial_noise(config.seed, i, card["size"]) for i in chosen])
+        images = denoise(unet, scheduler, noise, torch.from_numpy(classes[chosen]), conditions.null, config, device)
+        for i, image in zip(chosen, images):
+            target = out / rows["path"][i]
+            partial = target.with_name(target.stem + ".tmp.png")
+            Image.fromarray(image).save(partial)
+            partial.replace(target)  # an image exists whole or not at all
+        if progress:
+            progress(len(chosen))
+
+    table = rows.assign(site=rows["site"] if "site" in rows else SYNTHETIC_SITE, split="train", synthetic=True,
+                        generator_id=card["generator_id"], generator_sha256=card["weights_sha256"])
+    first = ["image_id", "path", "site", "split", "synthetic", *conditions.columns, "generator_id",
+             "generator_sha256"]
+    table = table[list(dict.fromkeys(first))]
+    Manifest(table, out, {"retfm.synthetic": "true", "retfm.generator_id": card["generator_id"]}).write()
+    return {"images": config.n, "generated_now": len(todo), "kept": config.n - len(todo),
+            "generator_id": card["generator_id"], "out": str(out)}
+
+
+def parse_shares(spec: str | None, card: dict) -> dict[str, dict]:
+    """``"dr_grade=0:0.5,1:0.5;site=site1:1"`` -> {column: {value: share}}; columns not named keep the training
+    shares. Values are checked against the generator's, shares normalised to sum to 1."""
+    values = card["conditions"]
+    by_text = {column: {str(v): v for v in values[column]} for column in values}
+    shares = {column: {by_text[column][text]: share for text, share in card["class_shares"][column].items()}
+              for column in values}
+    for part in filter(None, (p.strip() for p in (spec or "").split(";"))):
+        column, _, pairs = part.partition("=")
+        column = column.strip()
+        if column not in values:
+            raise RetfmError(f"--labels {part!r}: the generator is conditioned on {', '.join(values)}, "
+                             f"not {column!r}")
+        chosen = {}
+        for pair in filter(None, pairs.split(",")):
+            text, _, share = pair.partition(":")
+            if text.strip() not in by_text[column]:
+                raise RetfmError(f"--labels {part!r}: {column}={text.strip()!r} is not one of the generator's "
+                                 f"values ({', '.join(by_text[column])})")
+            try:
+                chosen[by_text[column][text.strip()]] = float(share)
+            except ValueError:
+                raise RetfmError(f"--labels {part!r}: share {share!r} is not a number") from None
+        if not chosen or any(s < 0 for s in chosen.values()) or sum(chosen.values()) <= 0:
+            raise RetfmError(f"--labels {part!r}: give value:share pairs with shares >= 0 and a positive sum")
+        shares[column] = chosen
+    return {column: {v: s / sum(c.values()) for v, s in c.items()} for column, c in shares.items()}
+
+
+def assign_conditions(n: int, shares: dict[str, dict], seed: int) -> pd.DataFrame:
+    """Conditions for ``n`` images: each column's counts follow its shares exactly (largest remainders), in an
+    order shuffled by ``seed``; columns are drawn independently of each other."""
+    rng = np.random.default_rng([seed, n])
+    columns = {}
+    for column, column_shares in shares.items():
+        values, weights = list(column_shares), np.array(list(column_shares.values()))
+        counts = np.floor(weights * n).astype(int)
+        remainders = weights * n - counts
+        counts[np.argsort(-remainders, kind="stable")[: n - counts.sum()]] += 1
+        columns[column] = rng.permutation(np.repeat(np.arange(len(values)), counts))
+        columns[column] = pd.Series([values[k] for k in columns[column]])
+    return pd.DataFrame(columns)
+
+
+def initial_noise(seed: int, index: int, size: int) -> torch.Tensor:
+    """Image ``index``'s starting noise: its own generator, seeded from (seed, index)."""
+    child = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(child))
+
+
+@torch.inference_mode()
+def denoise(unet, scheduler, noise: torch.Tensor, classes: torch.Tensor, null: int, config: SynthSampleConfig,
+            device: torch.device) -> np.ndarray:
+    """Run the sampler from ``noise`` with guidance; returns N x H x W x 3 uint8 images."""
+    scheduler.set_timesteps(config.inference_steps)
+    x = noise.to(device)
+    classes = classes.to(device)
+    nulls = torch.full_like(classes, null)
+    for t in scheduler.timesteps:
+        if config.guidance == 1:
+            eps = unet(x, t, class_labels=classes).sample
+        elif config.guidance == 0:
+            eps = unet(x, t, class_labels=nulls).sample
+        else:  # one pass over both halves
+            both = unet(torch.cat([x, x]), t, class_labels=torch.cat([classes, nulls])).sample
+            conditional, unconditional = both.chunk(2)
+            eps = unconditional + config.guidance * (conditional - unconditional)
+        x = scheduler.step(eps, t, x).prev_sample
+    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _scheduler(config: SynthSampleConfig, ddpm_config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if config.sampler == "ddim":
+        return DDIMScheduler.from_config(ddpm_config)
+    return DPMSolverMultistepScheduler.from_config(ddpm_config, algorithm_type="dpmsolver++")
+
+
+def _claim(out: Path, card: dict, config: SynthSampleConfig) -> None:
+    """Record which generator and options fill ``out``; a folder filled by others is refused, not mixed."""
+    identity = {"generator_id": card["generator_id"], "generator_sha256": card["weights_sha256"],
+                "config": config.model_dump(mode="json", exclude={"batch_size", "device"})}
+    path = out / SAMPLE_FILENAME
+    if path.exists():
+        if json.loads(path.read_text()) != identity:
+            raise RetfmError(f"{out}: holds samples of another generator or other options; choose a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise RetfmError(f"{out}: is not empty and not a `retfm synth sample` folder; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=2) + "\n")

@@ -1,0 +1,311 @@
+"""``retfm synth train``: a class-conditional diffusion model of fundus photographs (DERETFound's generator).
+
+The network is diffusers' ``UNet2DModel`` with a class embedding; the class is one combination of the condition
+columns' values (the label, then each ``--cond`` column, e.g. site), plus one *null* class. Training hides the
+condition (shows the null class) for a share of images, so sampling can use classifier-free guidance. Training is
+DDPM's: noise an image at a random level, predict the noise, mean squared error; AdamW with a linear warmup.
+diffusers' ``EMAModel`` keeps the moving average (with its warmup, so short runs are not stuck at the start).
+
+Exact resumes, as in ``retfm pretrain``: an epoch's order is a function of (seed, epoch), each image's flip of
+(seed, epoch, index), and noise, noise levels and condition drops come from one generator of our own whose state
+is checkpointed (``OUT/checkpoint.pt``, written atomically every ``checkpoint_every`` steps) with the model,
+EMA, optimiser and data position.
+
+The result, ``OUT/unet/`` (``save_pretrained``, safetensors), ``OUT/scheduler/`` and the card
+``OUT/generator.json`` (label, condition values and the training shares, size, steps, images seen, compute, data
+summary, weights hash) is all a site needs to share; no image leaves with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
+
+from retfm import __version__
+from retfm.config import SynthTrainConfig, save_config
+from retfm.data.datasets import ManifestDataset
+from retfm.data.manifest import MANIFEST_FILENAME, Manifest
+from retfm.errors import RetfmError
+from retfm.hashing import file_sha256
+from retfm.pretrain.trainer import _truncate_log
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+CARD_FILENAME = "generator.json"
+LOG_FILENAME = "log.jsonl"
+UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
+WEIGHTS_FILENAME = "diffusion_pytorch_model.safetensors"  # diffusers' name for safetensors weights
+
+
+# ---- conditions ---------------------------------------------------------------------------------------------------
+
+class Conditions:
+    """Condition columns and their values; a combination of values is one class index, the last index is null."""
+
+    def __init__(self, values: dict[str, list]):
+        self.values = values
+        self.columns = list(values)
+        self.shape = tuple(len(v) for v in values.values())
+        self.null = int(np.prod(self.shape))
+
+    @classmethod
+    def from_table(cls, table, columns: list[str]) -> Conditions:
+        return cls({c: sorted(_plain(v) for v in table[c].dropna().unique()) for c in columns})
+
+    def index(self, rows: dict[str, list]) -> np.ndarray:
+        """Class index of each row, from per-column values."""
+        positions = []
+        for column in self.columns:
+            lookup = {v: i for i, v in enumerate(self.values[column])}
+            try:
+                positions.append([lookup[_plain(v)] for v in rows[column]])
+            except KeyError as exc:
+                raise RetfmError(f"condition {column}={exc.args[0]!r}: not a value the generator was trained on "
+                                 f"({', '.join(map(str, self.values[column]))})") from None
+        return np.ravel_multi_index(positions, self.shape).astype(np.int64)
+
+
+def _plain(value):
+    """numpy and pandas scalars as Python ones, so values compare, sort and go to JSON alike."""
+    return value.item() if hasattr(value, "item") else value
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+
+def train(config: SynthTrainConfig, out: Path, resume: bool = False,
+          progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
+          on_log: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) a generator in ``out``; returns its card."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    checkpoint_path = out / CHECKPOINT_FILENAME
+    if checkpoint_path.exists() and not resume:
+        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
+    if resume and not checkpoint_path.exists():
+        raise RetfmError(f"{checkpoint_path}: nothing to resume")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+
+    data = ConditionedImages(config)
+    torch.manual_seed(config.seed)  # the initial weights
+    unet = build_unet(config, data.conditions.null + 1).to(device).train()
+    scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, power=0.75) if config.ema else None
+    noise_rng = torch.Generator().manual_seed(config.seed)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
+    if resume:
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if saved["config"] != config.model_dump_json():
+            raise RetfmError(f"{checkpoint_path}: was made with another config; resume with the same options")
+        unet.load_state_dict(saved["unet"])
+        optimiser.load_state_dict(saved["optimiser"])
+        schedule.load_state_dict(saved["schedule"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        noise_rng.set_state(saved["noise_rng"])
+        state = saved["state"]
+        _truncate_log(out / LOG_FILENAME, state["step"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "synth_config.yaml")
+        (out / LOG_FILENAME).unlink(missing_ok=True)
+    if ema is not None:
+        ema.to(device)
+
+    flops_per_image = _training_flops_per_image(unet, config.size, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    if total:
+        total(config.steps)
+    if progress and state["step"]:
+        progress(state["step"])
+    batches = data.batches(state["epoch"], state["batch_in_epoch"])
+    started = time.perf_counter() - state["seconds"]
+    while state["step"] < config.steps:
+        batch, classes, state["epoch"], state["batch_in_epoch"] = next(batches)
+        # All randomness of a step from our generator, on the CPU: the same numbers on any device.
+        noise = torch.randn(batch.shape, generator=noise_rng)
+        timesteps = torch.randint(0, config.train_timesteps, (len(batch),), generator=noise_rng)
+        dropped = torch.rand(len(batch), generator=noise_rng) < config.cond_drop
+        classes = torch.where(dropped, data.conditions.null, classes)
+        images, noise = batch.to(device), noise.to(device)
+        timesteps, classes = timesteps.to(device), classes.to(device)
+        with autocast:
+            predicted = unet(scheduler.add_noise(images, noise, timesteps), timesteps, class_labels=classes).sample
+        loss = torch.nn.functional.mse_loss(predicted.float(), noise)
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        schedule.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        state["step"] += 1
+        state["images_seen"] += len(images)
+        state["seconds"] = time.perf_counter() - started
+        if progress:
+            progress(1)
+        if state["step"] % config.log_every == 0 or state["step"] == config.steps:
+            record = {"step": state["step"], "loss": round(loss.item(), 6), "lr": schedule.get_last_lr()[0],
+                      "epoch": state["epoch"], "images_seen": state["images_seen"]}
+            with open(out / LOG_FILENAME, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if on_log:
+                on_log(record)
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+            _save_checkpoint(checkpoint_path, config, unet, optimiser, schedule, ema, noise_rng, state)
+
+    if ema is not None:
+        ema.copy_to(unet.parameters())  # the shared generator is the moving average
+    unet.cpu().save_pretrained(out / UNET_DIR, safe_serialization=True)
+    scheduler.save_pretrained(out / SCHEDULER_DIR)
+    weights_sha256 = file_sha256(out / UNET_DIR / WEIGHTS_FILENAME)
+    card = {
+        "kind": "retfm-synth-generator",
+        "name": f"ddpm-{config.label}-{config.size}px",
+        "generator_id": f"ddpm-{config.label}-{config.size}px-{weights_sha256[:12]}",
+        "description": f"class-conditional pixel diffusion (diffusers UNet2DModel) of {config.size}px fundus "
+                       f"images, conditioned on {', '.join(data.conditions.columns)}",
+        "label": config.label, "cond": config.cond, "conditions": data.conditions.values,
+        "null_class": data.conditions.null, "size": config.size, "class_shares": data.class_shares(),
+        "data": data.summary, "steps": state["step"], "images_seen": state["images_seen"], "ema": config.ema,
+        "compute": {"training_flops_estimate": flops_per_image * state["images_seen"], "device": str(device),
+                    "device_hours": round(state["seconds"] / 3600, 5), "precision": config.precision},
+        "config": config.model_dump(mode="json"), "weights_sha256": weights_sha256, "licence": "as the training data",
+        "retfm_version": __version__,
+    }
+    (out / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def build_unet(config: SynthTrainConfig, num_classes: int):
+    """A UNet2DModel whose lowest resolution level has attention; the class embedding holds the null class too."""
+    from diffusers import UNet2DModel
+
+    levels = len(config.block_out_channels)
+    if config.size % 2 ** (levels - 1):
+        raise RetfmError(f"size {config.size}: must be divisible by {2 ** (levels - 1)} for "
+                         f"{levels} UNet levels")
+    if any(c % config.norm_groups for c in config.block_out_channels):
+        raise RetfmError(f"norm_groups {config.norm_groups} must divide every block_out_channels "
+                         f"{config.block_out_channels}")
+    down = ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",)
+    up = ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1)
+    return UNet2DModel(sample_size=config.size, in_channels=3, out_channels=3,
+                       layers_per_block=config.layers_per_block, block_out_channels=config.block_out_channels,
+                       down_block_types=down, up_block_types=up, norm_num_groups=config.norm_groups,
+                       num_class_embeds=num_classes)
+
+
+class ConditionedImages:
+    """The training images at the generator's size, in [-1, 1], with their class index; rows whose condition is
+    unknown are left out (never guessed)."""
+
+    def __init__(self, config: SynthTrainConfig):
+        manifest = Manifest.read(config.data)
+        if config.split:
+            manifest = manifest.split(config.split)
+        columns = [config.label, *config.cond]
+        missing = [c for c in columns if c not in manifest.table]
+        if missing:
+            raise RetfmError(f"{config.data}: condition column(s) {', '.join(missing)} not in the manifest "
+                             f"(labels: {', '.join(manifest.label_columns) or 'none'})")
+        table = manifest.table.dropna(subset=columns).reset_index(drop=True)
+        if not len(table):
+            raise RetfmError(f"{config.data}: no images with {', '.join(columns)} known in split {config.split!r}")
+        self.conditions = Conditions.from_table(table, columns)
+        self.classes = torch.from_numpy(self.conditions.index({c: table[c].tolist() for c in columns}))
+        transform = v2.Compose([v2.ToImage(), v2.Resize((config.size, config.size), antialias=True),
+                                *([v2.RandomHorizontalFlip()] if config.flip else []),
+                                v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)])
+        self.dataset = ManifestDataset(Manifest(table, manifest.root), transform, group_columns=(), seed=config.seed,
+                                       decode_size=config.size)
+        self.table, self.config = table, config
+        self.summary = {"manifest_sha256": file_sha256(_manifest_file(config.data)), "images": len(table),
+                        "split": config.split,
+                        "sites": sorted(table["site"].astype(str).unique().tolist())}
+
+    def class_shares(self) -> dict[str, dict[str, float]]:
+        """Each condition column's value shares in the training data: the default sampling shares."""
+        return {c: {str(v): round(float(s), 6) for v, s in self.table[c].map(_plain).value_counts(normalize=True)
+                    .sort_index().items()} for c in self.conditions.columns}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """An epoch: enough reshuffled passes over the images for one batch, as a function of (seed, epoch)."""
+        rng = np.random.default_rng([self.config.seed, epoch])
+        passes = -(-self.config.batch_size // len(self.table))
+        return np.concatenate([rng.permutation(len(self.table)) for _ in range(passes)])
+
+    def batches(self, epoch: int, batch_in_epoch: int):
+        """Yield (images, class indices, epoch, batches done in that epoch) forever from a saved position."""
+        size = self.config.batch_size
+        while True:
+            self.dataset.set_epoch(epoch)
+            order = self.order(epoch)
+            whole = order[: len(order) // size * size]
+            loader = DataLoader(self.dataset, batch_size=size, sampler=whole[batch_in_epoch * size:].tolist(),
+                                num_workers=self.config.workers, drop_last=True, persistent_workers=False)
+            for start, batch in zip(range(batch_in_epoch * size, len(whole), size), loader):
+                batch_in_epoch += 1
+                yield batch["image"], self.classes[whole[start:start + size]], epoch, batch_in_epoch
+            epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _manifest_file(path: str) -> Path:
+    return Path(path) / MANIFEST_FILENAME if Path(path).is_dir() else Path(path)
+
+
+def _training_flops_per_image(unet, size: int, device: torch.device) -> int:
+    """Forward FLOPs of one image counted by torch, times 3 for the backward pass; the RNG is left untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            unet(torch.zeros(1, 3, size, size, device=device), torch.zeros(1, dtype=torch.long, device=device),
+                 class_labels=torch.zeros(1, dtype=torch.long, device=device))
+    return 3 * counter.get_total_flops()
+
+
+def _save_checkpoint(path: Path, config, unet, optimiser, schedule, ema, noise_rng, state) -> None:
+    payload = {"config": config.model_dump_json(), "unet": unet.state_dict(), "optimiser": optimiser.state_dict(),
+               "schedule": schedule.state_dict(), "noise_rng": noise_rng.get_state(), "state": dict(state)}
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(payload, partial)
+    partial.replace(path)  # a checkpoint exists whole or not at all
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+def load_generator(path: Path):
+    """(UNet in eval mode, its DDPM scheduler config, card) of a ``retfm synth train`` output folder."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path = Path(path)
+    card_file = path / CARD_FILENAME
+    if not card_file.is_file() or not (path / UNET_DIR / WEIGHTS_FILENAME).is_file():
+        raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {CARD_FILENAME} or "
+                         f"{UNET_DIR}/{WEIGHTS_FILENAME})")
+    card = json.loads(card_file.read_text())
+    if file_sha256(path / UNET_DIR / WEIGHTS_FILENAME) != card["weights_sha256"]:
+        raise RetfmError(f"{path / UNET_DIR / WEIGHTS_FILENAME}: its hash differs from the card's; the weights "
+                         f"were changed after training")
+    unet = UNet2DModel.from_pretrained(path / UNET_DIR, use_safetensors=True).eval()
+    scheduler_config = DDPMScheduler.load_config(path / SCHEDULER_DIR)
+    return unet, scheduler_config, card
+
+
+def log_losses(out: Path) -> list[float]:
+    path = Path(out) / LOG_FILENAME
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()] if path.exists() else []
+
