@@ -28,3 +28,11 @@ def save_whole(payload: dict, path: Path) -> None:
     partial = path.with_name(path.name + ".tmp")
     torch.save(payload, partial)
     partial.replace(path)
+
+
+def load_own_checkpoint(path: Path, config) -> dict:
+    """A run's checkpoint, refused unless it was made with the same resolved config (a pydantic model)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["config"] != config.model_dump_json():
+        raise RetfmError(f"{path}: was made with another config; resume with the same options")
+    return saved

@@ -50,7 +50,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import create, save_checkpoint, spec as model_spec
 from retfm.models import preprocessing
-from retfm.runs import check_run_folder, checked_device, save_whole
+from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 BEST_FILENAME = "best.pt"
@@ -103,9 +103,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
 
     state = {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0, "seconds": 0.0, "images_seen": 0}
     if resume:
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if saved["config"] != config.model_dump_json():
-            raise RetfmError(f"{checkpoint_path}: was made with another config; resume with the same options")
+        saved = load_own_checkpoint(checkpoint_path, config)
         model.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]

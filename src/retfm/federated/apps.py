@@ -27,6 +27,7 @@ from flwr.serverapp import strategy as flower
 
 from retfm.config import FederatedConfig
 from retfm.federated.task import Site, initial_weights, local_evaluate, local_pretrain
+from retfm.runs import save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
@@ -188,6 +189,4 @@ def _record(recorder: Recorder | None, direction: str, message: Message) -> None
 
 def _save(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(payload, partial)
-    partial.replace(path)  # a checkpoint exists whole or not at all
+    save_whole(payload, path)

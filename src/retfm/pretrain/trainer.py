@@ -44,7 +44,7 @@ from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, save_checkpoint
 from retfm.models import spec as model_spec
 from retfm.pretrain.sampling import BatchShard
-from retfm.runs import check_run_folder, checked_device, save_whole
+from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 MODEL_FILENAME = "model.safetensors"
@@ -79,9 +79,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
     if resume:
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if saved["config"] != config.model_dump_json():
-            raise RetfmError(f"{checkpoint_path}: was made with another config; resume with the same options")
+        saved = load_own_checkpoint(checkpoint_path, config)
         objective.load_state_dict(saved["objective"])
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])

@@ -24,6 +24,7 @@ from PIL import Image
 from retfm.config import SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
+from retfm.runs import checked_device
 from retfm.synth.train import Conditions, load_generator
 
 SAMPLE_FILENAME = "sample.json"
@@ -33,9 +34,7 @@ SYNTHETIC_SITE = "synthetic"  # the site of images from a generator not conditio
 def sample(generator: Path, out: Path, config: SynthSampleConfig,
            progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
     """Write ``config.n`` images and their manifest to ``out``; returns a summary."""
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    device = checked_device(config.device)
     unet, scheduler_config, card = load_generator(generator)
     unet.to(device)
     conditions = Conditions(card["conditions"])

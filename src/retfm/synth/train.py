@@ -34,6 +34,7 @@ from retfm.config import SynthTrainConfig, save_config
 from retfm.data.datasets import ManifestDataset
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
+from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 from retfm.hashing import file_sha256
 from retfm.pretrain.trainer import _truncate_log
 
@@ -87,13 +88,8 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     from diffusers.training_utils import EMAModel
 
     checkpoint_path = out / CHECKPOINT_FILENAME
-    if checkpoint_path.exists() and not resume:
-        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
-    if resume and not checkpoint_path.exists():
-        raise RetfmError(f"{checkpoint_path}: nothing to resume")
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RetfmError("--device cuda: no CUDA device is available here (use --device cpu)")
+    check_run_folder(out, checkpoint_path, resume)
+    device = checked_device(config.device)
 
     data = ConditionedImages(config)
     torch.manual_seed(config.seed)  # the initial weights
@@ -106,9 +102,7 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
     if resume:
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if saved["config"] != config.model_dump_json():
-            raise RetfmError(f"{checkpoint_path}: was made with another config; resume with the same options")
+        saved = load_own_checkpoint(checkpoint_path, config)
         unet.load_state_dict(saved["unet"])
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
@@ -280,9 +274,7 @@ def _save_checkpoint(path: Path, config, unet, optimiser, schedule, ema, noise_r
                "schedule": schedule.state_dict(), "noise_rng": noise_rng.get_state(), "state": dict(state)}
     if ema is not None:
         payload["ema"] = ema.state_dict()
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(payload, partial)
-    partial.replace(path)  # a checkpoint exists whole or not at all
+    save_whole(payload, path)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
