@@ -97,6 +97,10 @@ def test_keyboard_upload_shows_findings_heatmap_and_similar_cases(page, tmp_path
 
 
 def test_batch_upload_fills_the_triage_table(page, tmp_path):
+    # pytest-xdist may run this test in a worker where the keyboard test did not enter the key first
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#model:not([hidden])")
     (tmp_path / "out_of_focus.jpg").write_bytes(blurred_photo())
     (tmp_path / "notes.txt").write_text("not an image")
     page.set_input_files("#file-input", [str(shared_file("retina_cc0.jpg")), str(tmp_path / "out_of_focus.jpg"),
