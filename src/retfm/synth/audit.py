@@ -34,8 +34,6 @@ from pathlib import Path
 import jinja2
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from scipy import linalg
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, cohen_kappa_score, pairwise_distances_chunked
@@ -50,6 +48,7 @@ from retfm.config import SynthAuditConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
+from retfm.evaluate.report import figure_png, new_figure
 from retfm.models import create, preprocessing, spec as model_spec
 from retfm.synth.train import CARD_FILENAME
 
@@ -283,7 +282,7 @@ def write_report(result: dict, real: Manifest, fake: Manifest, out: Path) -> Pat
 
 
 def _histogram(m: dict) -> str:
-    fig = _figure()
+    fig = new_figure(width=5)
     ax = fig.axes[0]
     distances = m["distances"]
     everything = np.concatenate([distances["real_to_real"], distances["synthetic_to_real"]])
@@ -293,15 +292,15 @@ def _histogram(m: dict) -> str:
     ax.axvline(m["threshold"], color="black", linestyle="--", label="near-copy threshold")
     ax.set(xlabel="feature distance", ylabel="density")
     ax.legend()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _confusion_figure(labels: dict) -> str:
-    fig = _figure()
+    fig = new_figure(width=5)
     ConfusionMatrixDisplay(np.array(labels["confusion"]), display_labels=labels["classes"]).plot(
         ax=fig.axes[0], colorbar=False)
     fig.axes[0].set(xlabel="predicted by the real-image classifier", ylabel="conditioned on")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _thumbnail(path: Path, size: int = 96) -> str:
@@ -309,17 +308,4 @@ def _thumbnail(path: Path, size: int = 96) -> str:
         image = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure() -> Figure:
-    fig = Figure(figsize=(5, 4))
-    FigureCanvasAgg(fig)
-    fig.add_subplot()
-    return fig
-
-
-def _png(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
