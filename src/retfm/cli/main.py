@@ -8,7 +8,7 @@ import typer
 
 from retfm import __version__
 from retfm.cli import (adapt, data, demo, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve,
-                       study, synth, zeroshot)
+                       share, study, synth, zeroshot)
 from retfm.cli.common import console
 from retfm.errors import RetfmError
 
@@ -19,6 +19,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(knowledge.app, name="knowledge")
 app.add_typer(federated.app, name="federated")
+app.add_typer(share.app, name="share")
 app.add_typer(retrieve.index_app, name="index")
 app.add_typer(synth.app, name="synth")
 app.command(name="evaluate")(evaluate.evaluate)
