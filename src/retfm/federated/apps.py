@@ -35,6 +35,7 @@ STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flo
               "multikrum": flower.MultiKrum, "bulyan": flower.Bulyan}
 
 Recorder = Callable[[str, Message], None]  # (direction "sent" | "received", message)
+SiteResolver = Callable[[Context], tuple[Site, FederatedConfig]]  # a node's site and the federation's config
 
 
 def build_strategy(config: FederatedConfig, sites: int) -> flower.Strategy:
@@ -53,22 +54,27 @@ def build_strategy(config: FederatedConfig, sites: int) -> flower.Strategy:
 
 def client_app(sites: list[Site], config: FederatedConfig, train_fn=local_pretrain, evaluate_fn=local_evaluate
                ) -> ClientApp:
-    """A ClientApp serving ``sites``; a node's site is its ``partition-id`` (set by the simulation engine, or by
-    ``flower-supernode --node-config partition-id=N``). ``train_fn`` / ``evaluate_fn`` are the site's work."""
-    app = ClientApp()
-    pretrain = config.pretrain_config()
-
-    def site_of(context: Context) -> Site:
+    """The simulation's ClientApp serving ``sites``: a node's site is its ``partition-id`` (set by the simulation
+    engine). ``train_fn`` / ``evaluate_fn`` are the site's work."""
+    def simulated_site(context: Context) -> tuple[Site, FederatedConfig]:
         # a simulated site computes on the cores reserved for it, not on every core of the machine
         torch.set_num_threads(max(1, int(config.cpus_per_site)))
-        return sites[int(context.node_config["partition-id"])]
+        return sites[int(context.node_config["partition-id"])], config
+
+    return site_app(simulated_site, train_fn, evaluate_fn)
+
+
+def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_evaluate) -> ClientApp:
+    """The ClientApp of a site; ``resolve(context)`` gives the node's site and the federation's config (the
+    simulation's by partition-id, the deployment engine's from node and run config: :mod:`retfm.federated.deploy`)."""
+    app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = site_of(context)
+        site, config = resolve(context)
         settings = msg.content["config"]
         weights = msg.content["arrays"].to_torch_state_dict()
-        new, metrics = train_fn(weights, site, int(settings["local-steps"]), pretrain,
+        new, metrics = train_fn(weights, site, int(settings["local-steps"]), config.pretrain_config(),
                                 int(settings["server-round"]), float(settings.get("proximal-mu", 0.0)))
         if config.transfer == "fp16":
             new = {k: v.half() if v.is_floating_point() else v for k, v in new.items()}
@@ -77,9 +83,9 @@ def client_app(sites: list[Site], config: FederatedConfig, train_fn=local_pretra
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site = site_of(context)
+        site, config = resolve(context)
         weights = msg.content["arrays"].to_torch_state_dict()
-        metrics = evaluate_fn(weights, site, str(msg.content["config"]["label"]), pretrain)
+        metrics = evaluate_fn(weights, site, str(msg.content["config"]["label"]), config.pretrain_config())
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}),
                        reply_to=msg)
 

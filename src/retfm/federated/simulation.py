@@ -48,12 +48,8 @@ def simulate(config: FederatedConfig, out: Path, resume: bool = False, recorder:
     ClientApp (tests inject failing sites with it)."""
     from flwr.simulation import run_simulation
 
-    out = Path(out)
-    if (out / CHECKPOINT_FILENAME).exists() and not resume:
-        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
     sites = resolve_sites(config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "federated_config.yaml")
+    out = open_run(config, out, resume)
     backend = {"client_resources": {"num_cpus": config.cpus_per_site, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, int(len(sites) * config.cpus_per_site)), "include_dashboard": False,
                              "logging_level": logging.WARNING, "log_to_driver": False}}
@@ -61,16 +57,28 @@ def simulate(config: FederatedConfig, out: Path, resume: bool = False, recorder:
                    num_supernodes=len(sites), backend_config=backend)
     if not (out / CHECKPOINT_FILENAME).exists():
         raise RetfmError(f"{out}: the federation stopped before its first round finished (see the log above)")
-    return finish(config, sites, out)
+    return finish(config, [site.name for site in sites], out)
 
 
-def finish(config: FederatedConfig, sites: list[Site], out: Path) -> dict:
-    """Write the global backbone as a retfm checkpoint and the report from the coordinator's checkpoint."""
+def open_run(config: FederatedConfig, out: Path, resume: bool) -> Path:
+    """The coordinator's run folder, with the run's config in it; one holding a run already is refused unless
+    the run is resumed."""
+    out = Path(out)
+    if (out / CHECKPOINT_FILENAME).exists() and not resume:
+        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "federated_config.yaml")
+    return out
+
+
+def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
+    """Write the global backbone as a retfm checkpoint and the report (per site of ``sites``, by name) from the
+    coordinator's checkpoint."""
     saved = torch.load(out / CHECKPOINT_FILENAME, map_location="cpu", weights_only=True)
     pretrain = config.pretrain_config()
     spec, objective = seeded_model(pretrain)
     load_shared(objective, saved["weights"], Site("coordinator", ""))
-    report = {"rounds_done": saved["round"], "rounds": saved["history"], "sites": [s.name for s in sites],
+    report = {"rounds_done": saved["round"], "rounds": saved["history"], "sites": list(sites),
               "strategy": config.strategy, "objective": pretrain.objective, "model": spec.name,
               "transfer": config.transfer, "retfm_version": __version__}
     save_checkpoint(objective.backbone, spec, out / MODEL_FILENAME, name=f"{spec.name}-federated-{pretrain.objective}",
