@@ -10,12 +10,26 @@ def test_quick_demo_builds_compares_and_reports(tmp_path):
     out = tmp_path / "demo"
     sites = results["sites"]
     assert sites == ["site1", "site2", "site3"]
-    assert set(results["models"]) == {"random", "federated", *(f"local {s}" for s in sites)}
+    assert set(results["models"]) == {"random", "federated", "pooled", *(f"local {s}" for s in sites)}
     for name, per_label in results["models"].items():
         for label in LABELS:
             metrics = json.loads((out / per_label[label]["report"]).with_name("metrics.json").read_text())
             assert per_label[label]["overall"]["auroc"]["value"] == metrics["metrics"]["auroc"]["value"]
             assert set(per_label[label]["groups"]["site"]) == set(sites)
+    # each local-only model against the federated one on the other sites, from the per-site numbers above
+    for site, per_label in results["other_sites"].items():
+        for label, compared in per_label.items():
+            assert site not in compared["sites"]
+            if compared["sites"]:
+                per_site = results["models"]["federated"][label]["groups"]["site"]
+                mean = sum(per_site[s]["auroc"]["value"] for s in compared["sites"]) / len(compared["sites"])
+                assert abs(compared["federated"] - mean) < 1e-12
+    # a site's generator: trained on that site only, sampled, audited
+    generator = results["generator"]
+    card = json.loads((out / "synth" / "generator" / "generator.json").read_text())
+    assert card["data"]["sites"] == [generator["site"]] == ["site1"]
+    assert len(list((out / "synth" / "samples" / "images").iterdir())) == generator["images"]
+    assert (out / generator["report"]).is_file()
     html = (out / "report.html").read_text()
     assert "federated against local-only" in html and all(site in html for site in sites)
     assert json.loads((out / "results.json").read_text())["seconds"]

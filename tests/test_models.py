@@ -131,7 +131,7 @@ def timm_layout(encoder: torch.nn.Module) -> dict:
 
 LAYOUTS = {
     "retfound-mae-cfp": mae_layout, "retfound-mae-oct": mae_layout, "deretfound": mae_layout, "tiny-vit": mae_layout,
-    "vit-tiny-p4": mae_layout,
+    "vit-tiny-p4": mae_layout, "vit-demo-p8": mae_layout,
     "retfound-dinov2": dinov2_teacher_layout, "tiny-vit-reg": dinov2_teacher_layout,
     "visionfm-cfp": ibot_layout, "retfound-green": timm_layout,
 }

@@ -183,6 +183,20 @@ def test_audit_flags_copies_of_training_images_and_not_the_generator(cohort, tmp
         audit(generator, cohort / "real", cohort / "real", tmp_path / "x", config)
 
 
+def test_a_sites_generator_learns_from_and_is_audited_against_that_site_only(cohort, tmp_path):
+    real = Manifest.read(cohort / "real").split("train").table
+    site1 = int((real["site"] == "site1").sum())
+    assert 0 < site1 < len(real)
+    card = train(_config(cohort / "real", cond=[], sites=["site1"], steps=2), tmp_path / "generator")
+    assert card["data"]["sites"] == ["site1"] and card["data"]["images"] == site1
+    sample(tmp_path / "generator", tmp_path / "syn", _sampling(n=4))
+    result = audit(tmp_path / "generator", cohort / "real", tmp_path / "syn", tmp_path / "audit",
+                   SynthAuditConfig(model="pixels", pixel_size=8))
+    assert result["n_real"] == site1
+    with pytest.raises(RetfmError, match="of site.s. nowhere"):
+        train(_config(cohort / "real", sites=["nowhere"]), tmp_path / "none")
+
+
 def test_cli_runs_sample_and_reports_errors_in_one_line(cohort, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["synth", "--help"])

@@ -153,6 +153,8 @@ class SynthTrainConfig(BaseModel):
     label: str = Field(..., description="label column the images are conditioned on")
     cond: list[str] = Field(default_factory=list, description="further condition columns, e.g. site")
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
+    sites: list[str] | None = Field(None, description="rows of these sites only (a site's own generator); "
+                                                       "null: every site")
     size: int = Field(64, ge=16, le=512, description="side of the generated square images")
     block_out_channels: tuple[int, ...] = Field((32, 64, 128), min_length=2,
                                                 description="UNet channels per resolution level")

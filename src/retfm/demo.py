@@ -3,13 +3,22 @@
 1. a multi-site phantom cohort (distinct camera styles, countries, sexes), de-identified with a site key and
    ingested (or an ingest folder given with ``--data``);
 2. token-reconstruction pretraining across the sites with Flower's simulation engine (weights only cross);
-3. for comparison, the same pretraining at each site alone (local-only models) and random weights;
-4. every model embeds every image; a logistic probe per label (DR grade, glaucoma) is fitted on the training
-   split and evaluated on the test split, per site, country and sex;
-5. ``OUT/report.html`` and ``OUT/results.json``: each model's metrics with 95% CIs, per-site results, federated
-   against local-only, and the compute each stage spent. Every number comes from this run.
+3. for comparison, the same pretraining pooled in one place (centralised, as many images as the whole
+   federation), at each site alone (local-only models, as many steps as one site did in the federation), and
+   random weights;
+4. a small label-conditioned generator trained at the first site, sampled in that site's label mix and audited
+   (fidelity, label fidelity, memorisation);
+5. every model embeds every image; a logistic probe per label (DR grade, glaucoma) is fitted on the training
+   split and evaluated on the test split, per site, country and sex; each local-only model is set against the
+   federated one on the other sites' test images;
+6. ``OUT/report.html`` and ``OUT/results.json``: each model's metrics with 95% CIs, per-site results, federated
+   against pooled and local-only, the generator's audit, and the compute each stage spent. Every number comes
+   from this run.
 
-``--quick`` shrinks everything (3 sites, fewer images and rounds) to finish in about two minutes on two cores.
+No image-text model is part of this run, so zero-shot recognition and text retrieval are not shown (see
+docs/zeroshot.md and docs/retrieval.md).
+
+``--quick`` shrinks everything (3 sites, fewer images, steps and rounds) to finish in about a minute on two cores.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import jinja2
 from retfm import __version__
 from retfm.adapt.embed import embed
 from retfm.adapt.probe import probe
-from retfm.config import EmbedConfig, FederatedConfig, IngestConfig, ProbeConfig, PretrainConfig
+from retfm.config import (EmbedConfig, FederatedConfig, IngestConfig, ProbeConfig, PretrainConfig, SynthAuditConfig,
+                          SynthSampleConfig, SynthTrainConfig)
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
@@ -44,13 +54,17 @@ class Scale:
     per_site: int
     rounds: int
     local_steps: int
+    synth_steps: int
+    synth_images: int
     bootstrap: int
 
 
-FULL = Scale(sites=4, per_site=80, rounds=4, local_steps=15, bootstrap=500)
-QUICK = Scale(sites=3, per_site=40, rounds=2, local_steps=3, bootstrap=100)
-PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 8, "blr": 0.02,
+FULL = Scale(sites=4, per_site=100, rounds=5, local_steps=10, synth_steps=300, synth_images=32, bootstrap=500)
+QUICK = Scale(sites=3, per_site=60, rounds=2, local_steps=4, synth_steps=20, synth_images=8, bootstrap=100)
+PRETRAIN = {"objective": "token-reconstruction", "model": "vit-demo-p8", "batch_size": 16, "blr": 0.02,
             "warmup_steps": 2, "workers": 0, "log_every": 1}
+GENERATOR = {"label": "dr_grade", "size": 32, "block_out_channels": (16, 32, 64), "batch_size": 16,
+             "warmup_steps": 10, "workers": 0}
 
 
 def run_demo(out: Path, data: Path | None = None, quick: bool = False,
@@ -74,8 +88,8 @@ def run_demo(out: Path, data: Path | None = None, quick: bool = False,
     if data is None:
         stage("phantom cohort", lambda: generate_cohort(out / "phantoms", scale.sites, scale.per_site, size=128))
         key = generate_key(out / "site.key") if not (out / "site.key").exists() else out / "site.key"
-        stage("de-identify and ingest", lambda: ingest(out / "phantoms", cohort,
-                                                       IngestConfig(size=64, workers=1, deid_key_file=key)))
+        stage("de-identify and ingest", lambda: ingest(out / "phantoms", cohort, IngestConfig(
+            size=64, workers=1, deid_key_file=key, stratify="dr_grade")))
     sites = sorted(Manifest.read(cohort).table["site"].astype(str).unique())
     if len(sites) < 2:
         raise RetfmError(f"{cohort}: the demo federates sites, and this data has one ({sites[0]})")
@@ -87,13 +101,18 @@ def run_demo(out: Path, data: Path | None = None, quick: bool = False,
     logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's per-round log lines would bury the demo's
     stage(f"federated token reconstruction ({len(sites)} sites, {scale.rounds} rounds)",
           lambda: simulate(federated, out / "federated"))
-    models = {"federated": out / "federated" / MODEL_FILENAME}
+    models = {"federated": out / "federated" / MODEL_FILENAME, "pooled": out / "pooled" / MODEL_FILENAME}
+    site_steps = scale.rounds * scale.local_steps
+    stage("pooled (centralised) pretraining", lambda: pretrain(
+        PretrainConfig(**PRETRAIN, data=[str(cohort)], steps=len(sites) * site_steps), out / "pooled"))
     for site in sites:  # the same number of steps as one site did in the federation, on its own images only
-        config = PretrainConfig(**PRETRAIN, data=[str(cohort)], sites=[site], steps=scale.rounds * scale.local_steps)
+        config = PretrainConfig(**PRETRAIN, data=[str(cohort)], sites=[site], steps=site_steps)
         stage(f"local-only pretraining at {site}", lambda c=config, s=site: pretrain(c, out / f"local-{s}"))
         models[f"local {site}"] = out / f"local-{site}" / MODEL_FILENAME
 
     results: dict = {"models": {}, "seconds": seconds, "sites": sites, "quick": quick, "retfm_version": __version__}
+    results["generator"] = stage(f"generator at {sites[0]}: train, sample, audit",
+                                 lambda: site_generator(cohort, sites[0], out / "synth", scale))
     for name, path in {"random": None, **models}.items():
         embeddings = out / "embeddings" / f"{name.replace(' ', '-')}.parquet"
         config = (EmbedConfig(model=PRETRAIN["model"], weights="random", workers=0) if path is None
@@ -105,10 +124,53 @@ def run_demo(out: Path, data: Path | None = None, quick: bool = False,
             metrics = stage(f"probe {label} on {name}", lambda e=embeddings, f=folder, lab=label: probe(
                 e, f, ProbeConfig(label=lab, by=GROUPS, bootstrap=scale.bootstrap)))
             results["models"][name][label] = _summary(metrics, folder.relative_to(out))
+    results["other_sites"] = other_sites(results["models"], sites)
     results["compute"] = _compute(out, models)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     write_demo_report(results, out / "report.html")
     return results
+
+
+def site_generator(cohort: Path, site: str, out: Path, scale: Scale) -> dict:
+    """Train a small DR-grade-conditioned generator on one site's training images, sample it in that site's
+    label mix, and audit the samples against the site's real images (in 16 px pixel space: no pretrained retinal
+    encoder is available offline). Returns the audit's headline numbers and the audit report's path."""
+    from retfm.synth.audit import audit
+    from retfm.synth.sample import sample
+    from retfm.synth.train import train
+
+    train(SynthTrainConfig(**GENERATOR, data=str(cohort), sites=[site], steps=scale.synth_steps,
+                           checkpoint_every=scale.synth_steps, log_every=max(1, scale.synth_steps // 10)),
+          out / "generator")
+    sample(out / "generator", out / "samples", SynthSampleConfig(n=scale.synth_images, inference_steps=20))
+    result = audit(out / "generator", cohort, out / "samples", out / "audit", SynthAuditConfig(model="pixels"))
+    labels, memorised = result["label_fidelity"], result["memorisation"]
+    return {"site": site, "steps": scale.synth_steps, "images": scale.synth_images,
+            "frechet_distance": result["fidelity"]["frechet_distance"],
+            "precision": result["fidelity"]["precision"], "recall": result["fidelity"]["recall"],
+            "label_accuracy": labels.get("accuracy"), "label_chance_accuracy": labels.get("chance_accuracy"),
+            "near_copy_share": memorised["near_copy_share"], "memorising": memorised["flagged"],
+            "report": str((out / "audit" / "report.html").relative_to(out.parent))}
+
+
+def other_sites(models: dict, sites: list[str]) -> dict:
+    """For each site's local-only model and label: its mean test AUROC over the other sites, against the federated
+    and pooled models' mean over the same sites (sites where a model's AUROC is undefined are left out of every
+    mean, so all three always average the same sites)."""
+    table: dict = {}
+    for site in sites:
+        local = models.get(f"local {site}")
+        if local is None:
+            continue
+        for label in LABELS:
+            compared = {"local": local, "federated": models["federated"], "pooled": models["pooled"]}
+            values = {name: {s: m[label]["groups"]["site"].get(s, {}).get("auroc", {}).get("value")
+                             for s in sites if s != site} for name, m in compared.items()}
+            shared = [s for s in sites if s != site and all(v[s] is not None for v in values.values())]
+            table.setdefault(site, {})[label] = {
+                "sites": shared, **{name: (sum(v[s] for s in shared) / len(shared) if shared else None)
+                                    for name, v in values.items()}}
+    return table
 
 
 def _summary(metrics: dict, report: Path) -> dict:
@@ -143,10 +205,11 @@ th:first-child, td:first-child { text-align: left; } .muted { color: #666; font-
 </style></head><body>
 <h1>retfm demo: a small global model, end to end</h1>
 <p>{{ r.sites | length }} sites ({{ r.sites | join(", ") }}){% if r.quick %}, quick run{% endif %}. Token
-reconstruction pretraining across the sites with Flower (weights only crossed), against each site's local-only
-pretraining with the same number of steps and against random weights; then a logistic probe per label on the
-training split, evaluated on the test split. 95% CIs: patient-level percentile bootstrap. Every number below
-comes from this run; each probe's full report is linked.</p>
+reconstruction pretraining across the sites with Flower (weights only crossed), against the same pretraining
+pooled in one place (as many images as the whole federation), each site's local-only pretraining (as many steps
+as one site did in the federation) and random weights; then a logistic probe per label on the training split,
+evaluated on the test split. 95% CIs: patient-level percentile bootstrap. Every number below comes from this run;
+each probe's full report is linked.</p>
 
 <h2>Overall test AUROC (95% CI)</h2>
 <table><tr><th>model</th>{% for label in labels %}<th>{{ label }}</th><th>quadratic kappa</th>{% endfor %}</tr>
@@ -166,12 +229,32 @@ through the probe; the federated model saw every site's images during pretrainin
 <td>{% if g %}{{ g.auroc.value | num }}{% else %}&ndash;{% endif %}</td>{% endfor %}</tr>
 {% endfor %}</table>{% endfor %}
 
+<h2>On the other sites' test images: local-only against federated and pooled</h2>
+<p>Mean test AUROC over the sites a local-only model never saw in pretraining.</p>
+<table><tr><th>local-only model</th>{% for label in labels %}<th>{{ label }}: local</th><th>federated</th>
+<th>pooled</th>{% endfor %}</tr>
+{% for site, per_label in r.other_sites.items() %}<tr><td>{{ site }}</td>
+{% for label in labels %}{% set c = per_label[label] %}
+<td>{{ c.local | num }}</td><td{% if c.federated is not none and c.local is not none and c.federated > c.local %}
+ class="best"{% endif %}>{{ c.federated | num }}</td><td>{{ c.pooled | num }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+
 <h2>Per country and sex (federated model)</h2>
 {% for label in labels %}<h3>{{ label }}</h3>{% for column in ["country", "sex"] %}
 <table><tr><th>{{ column }}</th><th>n</th><th>AUROC</th><th>95% CI</th></tr>
 {% for value, g in r.models.federated[label].groups[column].items() %}<tr><td>{{ value }}</td><td>{{ g.n }}</td>
 <td>{{ g.auroc.value | num }}</td><td>{{ g.auroc.ci | ci }}</td></tr>{% endfor %}</table>
 {% endfor %}{% endfor %}
+
+<h2>A site's generator</h2>
+{% set g = r.generator %}<p>A DR-grade-conditioned diffusion model trained {{ g.steps }} steps on {{ g.site }}'s
+training images, sampled {{ g.images }} images in that site's label mix, audited against the site's real images
+in 16 px pixel space (<a href="{{ g.report }}">audit report</a>, with the samples).</p>
+<table><tr><th>Fr&eacute;chet distance</th><th>precision</th><th>recall</th><th>label accuracy</th>
+<th>chance accuracy</th><th>near-copies</th></tr>
+<tr><td>{{ g.frechet_distance | num }}</td><td>{{ g.precision | num }}</td><td>{{ g.recall | num }}</td>
+<td>{{ g.label_accuracy | num }}</td><td>{{ g.label_chance_accuracy | num }}</td>
+<td>{{ g.near_copy_share | num }}{% if g.memorising %} (flagged: memorising){% endif %}</td></tr></table>
 
 <h2>Compute spent</h2>
 <table><tr><th>stage</th><th>seconds</th></tr>

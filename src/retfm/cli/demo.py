@@ -14,7 +14,7 @@ from retfm.cli.common import console, stdout
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for every stage's files and report.html"),
     data: Path = typer.Option(None, "--data", help="an ingest folder with several sites instead of phantoms"),
-    quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 rounds: about two minutes on two cores"),
+    quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 rounds: about a minute on two cores"),
 ) -> None:
     """Build and evaluate a small global model end to end on built-in data; writes OUT/report.html."""
     from retfm.demo import LABELS, run_demo
@@ -29,7 +29,8 @@ def demo(
         for label in LABELS:
             auroc = per_label[label]["overall"]["auroc"]
             ci = auroc.get("ci") or [None, None]
-            cells.append(f"{auroc['value']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci[0] is not None else ""))
+            cells.append("undefined" if auroc["value"] is None else f"{auroc['value']:.3f}"
+                         + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci[0] is not None else ""))
         table.add_row(name, *cells)
     stdout.print(table)
     stdout.print(f"report: {out / 'report.html'}  ({sum(results['seconds'].values()) / 60:.1f} min)")

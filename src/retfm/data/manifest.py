@@ -146,6 +146,11 @@ class Manifest:
             raise ManifestError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
         return Manifest(self.table[self.table["split"] == name].reset_index(drop=True), self.root, self.metadata)
 
+    def of_sites(self, sites: list[str]) -> Manifest:
+        """Rows of these sites only, as a Manifest with the same root."""
+        keep = self.table["site"].astype(str).isin([str(s) for s in sites])
+        return Manifest(self.table[keep].reset_index(drop=True), self.root, self.metadata)
+
     @property
     def label_columns(self) -> list[str]:
         """Columns that are neither conventional metadata nor ingest's image information: the labels."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ def simulate(config: FederatedConfig, out: Path, resume: bool = False, recorder:
     backend = {"client_resources": {"num_cpus": config.cpus_per_site, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, int(len(sites) * config.cpus_per_site)), "include_dashboard": False,
                              "logging_level": logging.WARNING, "log_to_driver": False}}
+    # Ray's FutureWarning about GPU visibility when num_gpus=0; its future behaviour is the one we want
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(server_app(config, len(sites), out, resume, recorder), client or client_app(sites, config),
                    num_supernodes=len(sites), backend_config=backend)
     if not (out / CHECKPOINT_FILENAME).exists():

@@ -167,6 +167,14 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
         checkpoint_format="mae", licence="n/a (no weights)",
     ),
     ModelSpec(
+        name="vit-demo-p8", modality="CFP",
+        description="Small ViT with 8 px patches at 64 px (width 96, 4 blocks), for `retfm demo` and CPU "
+                    "tutorials; no published weights (pretrain it with retfm pretrain)",
+        architecture="vit_tiny_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="avg", embed_dim=96,
+        checkpoint_format="mae", licence="n/a (no weights)",
+    ),
+    ModelSpec(
         name="tiny-vit-reg", modality="test",
         description="Tiny DINOv2-style ViT with 4 registers for tests (patch 14, 56 px, width 48, 2 blocks); "
                     "no weights",

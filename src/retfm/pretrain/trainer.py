@@ -272,8 +272,7 @@ class MixedData:
             if config.split:
                 manifest = manifest.split(config.split)
             if config.sites is not None:
-                manifest = Manifest(manifest.table[manifest.table["site"].astype(str).isin(config.sites)]
-                                    .reset_index(drop=True), manifest.root, manifest.metadata)
+                manifest = manifest.of_sites(config.sites)
             if not len(manifest.table):
                 raise RetfmError(f"{path}: no images in split {config.split!r}"
                                  + (f" of site(s) {', '.join(config.sites)}" if config.sites is not None else ""))

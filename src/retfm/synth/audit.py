@@ -64,6 +64,8 @@ def audit(generator: Path, real: Path, synthetic: Path, out: Path, config: Synth
     card = json.loads(card_file.read_text())
     label, classes = card["label"], card["conditions"][card["label"]]
     real_all = Manifest.read(real)
+    if card["config"].get("sites") is not None:  # a site's generator is measured against that site's images
+        real_all = real_all.of_sites(card["config"]["sites"])
     fake = Manifest.read(synthetic)
     if label not in fake.table or label not in real_all.table:
         raise RetfmError(f"{synthetic if label not in fake.table else real}: no column {label!r}, the label the "

@@ -209,6 +209,8 @@ class ConditionedImages:
         manifest = Manifest.read(config.data)
         if config.split:
             manifest = manifest.split(config.split)
+        if config.sites is not None:
+            manifest = manifest.of_sites(config.sites)
         columns = [config.label, *config.cond]
         missing = [c for c in columns if c not in manifest.table]
         if missing:
@@ -216,7 +218,8 @@ class ConditionedImages:
                              f"(labels: {', '.join(manifest.label_columns) or 'none'})")
         table = manifest.table.dropna(subset=columns).reset_index(drop=True)
         if not len(table):
-            raise RetfmError(f"{config.data}: no images with {', '.join(columns)} known in split {config.split!r}")
+            raise RetfmError(f"{config.data}: no images with {', '.join(columns)} known in split {config.split!r}"
+                             + (f" of site(s) {', '.join(config.sites)}" if config.sites is not None else ""))
         self.conditions = Conditions.from_table(table, columns)
         self.classes = torch.from_numpy(self.conditions.index({c: table[c].tolist() for c in columns}))
         transform = v2.Compose([v2.ToImage(), v2.Resize((config.size, config.size), antialias=True),
