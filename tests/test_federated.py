@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from retfm.config import FederatedConfig, IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
-from retfm.federated.apps import build_strategy, client_app, screen
+from retfm.federated.apps import build_strategy, client_app, restore_strategy, screen, strategy_state
 from retfm.federated.simulation import resolve_sites, simulate
 from retfm.federated.task import initial_weights, local_evaluate, local_pretrain
 from retfm.models import create
@@ -56,6 +56,34 @@ def test_fedavg_of_known_arrays_is_the_weighted_mean(cohort):
     assert rejected == []
     np.testing.assert_allclose(dict(zip(aggregated.keys(), result))["w"], [(1 + 8) / 3, (2 + 16) / 3])
     np.testing.assert_allclose(dict(zip(aggregated.keys(), result))["b"], [[2.0]])
+
+
+def test_fedadam_resumes_with_its_moments(cohort):
+    """A resumed FedAdam run continues with the server-side moments it had, not from zero."""
+    config = _config(cohort, strategy="fedadam")
+    start = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+
+    def round_(strategy, server_round, values):
+        strategy.configure_train(server_round, start, ConfigRecord({}), _TwoNodes())
+        replies = [_reply({"w": np.asarray(v, np.float32)}, 1, name) for name, v in zip("ab", values)]
+        return strategy.aggregate_train(server_round, screen(replies, 1e4)[0])[0]["w"].numpy()
+
+    first = build_strategy(config, sites=2)
+    round_(first, 1, [[1, 2, 3], [3, 2, 1]])
+    resumed = build_strategy(config, sites=2)
+    restore_strategy(resumed, strategy_state(first))
+    fresh = build_strategy(config, sites=2)
+    later = [[0, 1, 0], [2, 1, 0]]
+    np.testing.assert_array_equal(round_(resumed, 2, later), round_(first, 2, later))
+    assert not np.allclose(round_(fresh, 2, later), round_(resumed, 2, later))
+    assert set(strategy_state(first)) == {"m_t", "v_t"} and strategy_state(build_strategy(config, 2)) == {}
+
+
+class _TwoNodes:
+    """A Grid of two connected nodes: enough for a strategy's configure_train to record the round's arrays."""
+
+    def get_node_ids(self):
+        return [1, 2]
 
 
 def test_nan_and_huge_replies_are_rejected_and_fp16_is_widened(cohort):

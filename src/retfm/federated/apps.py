@@ -34,6 +34,7 @@ STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flo
               "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
               "multikrum": flower.MultiKrum, "bulyan": flower.Bulyan}
 
+SERVER_OPTIMISER_STATE = ("m_t", "v_t")  # flwr's FedOpt strategies keep their moments in these attributes
 Recorder = Callable[[str, Message], None]  # (direction "sent" | "received", message)
 SiteResolver = Callable[[Context], tuple[Site, FederatedConfig]]  # a node's site and the federation's config
 
@@ -114,6 +115,7 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
     checkpoint_path = out / CHECKPOINT_FILENAME
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        restore_strategy(strategy, saved.get("strategy", {}))
     else:
         saved = {"round": 0, "weights": initial_weights(config.pretrain_config())[1], "history": []}
     arrays = ArrayRecord(saved["weights"])
@@ -145,9 +147,22 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
             entry["evaluate"] = {_site(r): dict(r.content["metrics"]) for r in ok}
             entry["evaluate_failed"] = [_failure(r) for r in replies if r.has_error()]
         entry["seconds"] = round(time.perf_counter() - started, 3)
-        saved = {"round": server_round, "weights": arrays.to_torch_state_dict(), "history": saved["history"] + [entry]}
+        saved = {"round": server_round, "weights": arrays.to_torch_state_dict(), "history": saved["history"] + [entry],
+                 "strategy": strategy_state(strategy)}
         _save(checkpoint_path, saved)
     return saved
+
+
+def strategy_state(strategy: flower.Strategy) -> dict[str, dict[str, torch.Tensor]]:
+    """The coordinator's own optimiser state, which a resumed run needs: the moments of FedAdam, FedYogi and
+    FedAdagrad (empty for strategies that keep none)."""
+    return {name: {key: torch.from_numpy(np.array(value)) for key, value in getattr(strategy, name).items()}
+            for name in SERVER_OPTIMISER_STATE if getattr(strategy, name, None)}
+
+
+def restore_strategy(strategy: flower.Strategy, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, arrays in state.items():
+        setattr(strategy, name, {key: value.numpy() for key, value in arrays.items()})
 
 
 def screen(replies: list[Message], max_abs_weight: float) -> tuple[list[Message], list[dict]]:
