@@ -137,11 +137,11 @@ def test_local_work_returns_weights_and_aggregate_metrics_only(cohort):
     assert all(isinstance(v, (int, float)) for v in evaluation.values())
 
 
-def _train_or_fail(weights, site, steps, config, server_round, mu):
+def _train_or_fail(weights, site, steps, config, server_round, mu, lora=None):
     """A site that crashes in the middle of round 1."""
     if site.name == "site3" and server_round == 1:
         raise RuntimeError("disk unplugged")
-    return local_pretrain(weights, site, steps, config, server_round, mu)
+    return local_pretrain(weights, site, steps, config, server_round, mu, lora)
 
 
 def test_a_simulated_run_moves_only_weights_and_metrics_and_survives_a_crashed_site(cohort, tmp_path):

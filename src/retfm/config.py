@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from retfm.errors import RetfmError
 
@@ -377,6 +377,29 @@ class FederatedSite(BaseModel):
 
 
 FEDERATED_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+PRIVATE_STRATEGIES = ("fedavg", "fedprox")  # a plain mean of clipped updates: what the noise is calibrated for
+
+
+class FederatedPrivacy(BaseModel):
+    """Site-level differential privacy of a federation (see docs/federated.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of a site's update per round (all tensors it sends "
+                                                    "as one vector)")
+    noise_multiplier: float = Field(1.0, gt=0, description="noise std on the sum of the updates, in clip_norms")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta); below 1/sites")
+
+
+class FederatedLora(BaseModel):
+    """The LoRA adapters of ``transfer_params: lora`` (as ``retfm finetune``'s lora_* options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(["qkv"], min_length=1, description="backbone module names that get adapters")
 
 
 class FederatedConfig(BaseModel):
@@ -396,6 +419,11 @@ class FederatedConfig(BaseModel):
     evaluate_label: str | None = Field(None, description="label probed at every site after every round "
                                                          "(null: no evaluation)")
     transfer: Literal["fp32", "fp16"] = Field("fp32", description="precision of the weights sites send back")
+    transfer_params: Literal["full", "lora"] = Field("full", description="full: every trainable weight travels; "
+                                                     "lora: the backbone stays frozen at the shared start, only "
+                                                     "LoRA adapters and the objective's head train and travel")
+    lora: FederatedLora = Field(default_factory=FederatedLora, description="adapters of transfer_params: lora")
+    dp: FederatedPrivacy | None = Field(None, description="site-level differential privacy (null: off)")
     max_abs_weight: float = Field(1e4, gt=0, description="a reply with a weight beyond this (or NaN/Inf) is "
                                                          "rejected before aggregation")
     timeout: float = Field(3600, gt=0, description="seconds the coordinator waits for a round's replies")
@@ -409,9 +437,21 @@ class FederatedConfig(BaseModel):
         PretrainConfig.model_validate({**value, "data": ["site"]})
         return value
 
+    @field_validator("dp")
+    @classmethod
+    def _check_dp(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("strategy") not in PRIVATE_STRATEGIES:
+            raise ValueError(f"differential privacy needs strategy {' or '.join(PRIVATE_STRATEGIES)} (the noise is "
+                             f"calibrated to a plain mean of clipped updates), not {info.data.get('strategy')}")
+        return value
+
     def pretrain_config(self) -> PretrainConfig:
         """The sites' pretraining options (``data`` is set per site)."""
         return PretrainConfig.model_validate({**self.pretrain, "data": ["site"]})
+
+    def lora_options(self) -> FederatedLora | None:
+        """The adapters when only LoRA weights travel, else None."""
+        return self.lora if self.transfer_params == "lora" else None
 
 
 def parse_set(assignment: str) -> tuple[list[str], object]:
@@ -437,7 +477,9 @@ def load_config(model: type[ConfigT], path: Path | None = None, options: dict | 
         keys, value = parse_set(assignment)
         target = data
         for key in keys[:-1]:
-            target = target.setdefault(key, {})
+            if target.get(key) is None:  # absent, or null in the file (e.g. dp: null, then --set dp.delta=...)
+                target[key] = {}
+            target = target[key]
         target[keys[-1]] = value
     try:
         return model.model_validate(data)

@@ -257,10 +257,18 @@ def _adapt(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith("head.")
         return model
+    return add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, ["head"])
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: list[str],
+             modules_to_save: list[str] | None = None) -> torch.nn.Module:
+    """``model`` wrapped by peft with LoRA adapters on the modules named ``targets``: its own weights frozen except
+    ``modules_to_save``; ``merge_and_unload()`` gives the plain model back with the adapters merged in. The
+    adapters' initial draw comes from torch's global random number generator."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_targets, modules_to_save=["head"])
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      modules_to_save=modules_to_save)
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:

@@ -31,7 +31,9 @@ def run(
     stdout.print(f"federated {report['objective']}: {report['rounds_done']} round(s) over {len(report['sites'])} "
                  f"sites ({report['strategy']}); last round aggregated {last.get('aggregated_sites', 0)} site(s), "
                  f"rejected {len(last.get('rejected', []))}; backbone: {out / MODEL_FILENAME}; "
-                 f"report: {out / 'report.md'}", highlight=False)
+                 f"report: {out / 'report.md'}"
+                 + (f"; DP (epsilon, delta) = ({report['dp']['epsilon']:.3g}, {report['dp']['delta']:g})"
+                    if report["dp"] else ""), highlight=False)
 
 
 @app.command()

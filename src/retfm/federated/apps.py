@@ -9,7 +9,9 @@ The ServerApp is the coordinator. Its loop is Flower's (a strategy configures an
 what a multi-site medical run needs around it: every reply is screened before aggregation (a site that failed,
 or sent NaN/Inf or out-of-range weights, is left out of the round and reported), fp16 replies are widened to
 fp32 before averaging, and the global weights and history are checkpointed after every round so a stopped run
-resumes at the next one. Strategies are Flower's own (``flwr.serverapp.strategy``).
+resumes at the next one. Strategies are Flower's own (``flwr.serverapp.strategy``). With ``dp`` the strategy wears
+Flower's central-DP wrapper, the sites clip their updates, and each round's (epsilon, delta) joins the history
+(:mod:`retfm.federated.privacy`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
 from retfm.config import FederatedConfig
+from retfm.errors import RetfmError
+from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
 from retfm.federated.task import Site, initial_weights, local_evaluate, local_pretrain
 from retfm.runs import save_whole
 
@@ -40,15 +44,16 @@ SiteResolver = Callable[[Context], tuple[Site, FederatedConfig]]  # a node's sit
 
 
 def build_strategy(config: FederatedConfig, sites: int) -> flower.Strategy:
-    """The configured Flower strategy; by default every site trains and evaluates in every round."""
+    """The configured Flower strategy; by default every site trains and evaluates in every round. With ``dp``:
+    wrapped for central differential privacy, every site weighing the same (each runs ``local_steps`` steps)."""
     options = {"min_available_nodes": sites, "min_train_nodes": sites, "min_evaluate_nodes": sites,
-               "fraction_evaluate": 1.0 if config.evaluate_label else 0.0, **config.strategy_options}
+               "fraction_evaluate": 1.0 if config.evaluate_label else 0.0,
+               **({"weighted_by_key": "steps"} if config.dp else {}), **config.strategy_options}
     try:
-        return STRATEGIES[config.strategy](**options)
+        strategy = STRATEGIES[config.strategy](**options)
     except (TypeError, ValueError) as exc:
-        from retfm.errors import RetfmError
-
         raise RetfmError(f"strategy_options for {config.strategy}: {exc}") from None
+    return private_strategy(strategy, config.dp, sites) if config.dp else strategy
 
 
 # ---- the site -----------------------------------------------------------------------------------------------------
@@ -76,7 +81,11 @@ def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_e
         settings = msg.content["config"]
         weights = msg.content["arrays"].to_torch_state_dict()
         new, metrics = train_fn(weights, site, int(settings["local-steps"]), config.pretrain_config(),
-                                int(settings["server-round"]), float(settings.get("proximal-mu", 0.0)))
+                                int(settings["server-round"]), float(settings.get("proximal-mu", 0.0)),
+                                lora=config.lora_options())
+        if CLIP_NORM_KEY in settings:  # differential privacy: the site clips, the coordinator adds the noise
+            new = clip_update(new, weights, float(settings[CLIP_NORM_KEY]),
+                              torch.float16 if config.transfer == "fp16" else torch.float32)
         if config.transfer == "fp16":
             new = {k: v.half() if v.is_floating_point() else v for k, v in new.items()}
         return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(metrics),
@@ -86,7 +95,8 @@ def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_e
     def evaluate(msg: Message, context: Context) -> Message:
         site, config = resolve(context)
         weights = msg.content["arrays"].to_torch_state_dict()
-        metrics = evaluate_fn(weights, site, str(msg.content["config"]["label"]), config.pretrain_config())
+        metrics = evaluate_fn(weights, site, str(msg.content["config"]["label"]), config.pretrain_config(),
+                              lora=config.lora_options())
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}),
                        reply_to=msg)
 
@@ -110,14 +120,18 @@ def server_app(config: FederatedConfig, sites: int, out: Path, resume: bool = Fa
 def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resume: bool = False,
                recorder: Recorder | None = None) -> dict:
     """Run ``config.rounds`` rounds (from the last checkpoint when ``resume``); returns the checkpoint's content:
-    ``{"round", "weights", "history"}`` with one history entry per round."""
+    ``{"round", "weights", "history", "privacy"}`` with one history entry per round (and the DP accountant's
+    state)."""
     strategy = build_strategy(config, sites)
     checkpoint_path = out / CHECKPOINT_FILENAME
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         restore_strategy(strategy, saved.get("strategy", {}))
     else:
-        saved = {"round": 0, "weights": initial_weights(config.pretrain_config())[1], "history": []}
+        saved = {"round": 0, "weights": initial_weights(config.pretrain_config(), config.lora_options())[1],
+                 "history": []}
+    if config.dp:
+        _restore_accountant(strategy, saved)
     arrays = ArrayRecord(saved["weights"])
 
     def exchange(messages) -> list[Message]:
@@ -140,6 +154,8 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
         if aggregated is not None:
             arrays = aggregated
         entry["aggregated_sites"] = len(accepted) if aggregated is not None else 0
+        if config.dp:
+            entry["privacy"] = privacy_spent(strategy)
         if config.evaluate_label:
             replies, _, _ = exchange(strategy.configure_evaluate(
                 server_round, arrays, ConfigRecord({"label": config.evaluate_label}), grid))
@@ -148,7 +164,7 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
             entry["evaluate_failed"] = [_failure(r) for r in replies if r.has_error()]
         entry["seconds"] = round(time.perf_counter() - started, 3)
         saved = {"round": server_round, "weights": arrays.to_torch_state_dict(), "history": saved["history"] + [entry],
-                 "strategy": strategy_state(strategy)}
+                 "strategy": strategy_state(strategy), "privacy": strategy.accountant.state_dict() if config.dp else None}
         _save(checkpoint_path, saved)
     return saved
 
@@ -163,6 +179,17 @@ def strategy_state(strategy: flower.Strategy) -> dict[str, dict[str, torch.Tenso
 def restore_strategy(strategy: flower.Strategy, state: dict[str, dict[str, torch.Tensor]]) -> None:
     for name, arrays in state.items():
         setattr(strategy, name, {key: value.numpy() for key, value in arrays.items()})
+
+
+def _restore_accountant(strategy, saved: dict) -> None:
+    """Resume the privacy accounting of the checkpoint's rounds; refuse when they ran without DP."""
+    if saved["round"] and not saved.get("privacy"):
+        raise RetfmError("dp: the checkpoint's rounds ran without differential privacy; start a new run")
+    if saved.get("privacy"):
+        try:
+            strategy.accountant.load_state_dict(saved["privacy"])
+        except ValueError as exc:
+            raise RetfmError(f"dp: the checkpoint's privacy accounting does not fit this config ({exc})") from None
 
 
 def screen(replies: list[Message], max_abs_weight: float) -> tuple[list[Message], list[dict]]:

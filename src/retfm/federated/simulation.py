@@ -20,8 +20,8 @@ from retfm import __version__
 from retfm.config import FederatedConfig, save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
-from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, client_app, server_app
-from retfm.federated.task import Site, load_shared, seeded_model
+from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
+from retfm.federated.task import Site, load_shared, plain_backbone, seeded_model
 from retfm.models import save_checkpoint
 
 MODEL_FILENAME = "model.safetensors"
@@ -50,6 +50,7 @@ def simulate(config: FederatedConfig, out: Path, resume: bool = False, recorder:
     from flwr.simulation import run_simulation
 
     sites = resolve_sites(config)
+    build_strategy(config, len(sites))  # refuse bad strategy or dp options before any site starts
     out = open_run(config, out, resume)
     backend = {"client_resources": {"num_cpus": config.cpus_per_site, "num_gpus": 0.0},
                "init_args": {"num_cpus": max(1, int(len(sites) * config.cpus_per_site)), "include_dashboard": False,
@@ -75,16 +76,22 @@ def open_run(config: FederatedConfig, out: Path, resume: bool) -> Path:
 
 
 def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
-    """Write the global backbone as a retfm checkpoint and the report (per site of ``sites``, by name) from the
+    """Write the global backbone (LoRA adapters merged in) as a retfm checkpoint and the report (per site of
+    ``sites``, by name) from the
     coordinator's checkpoint."""
     saved = torch.load(out / CHECKPOINT_FILENAME, map_location="cpu", weights_only=True)
     pretrain = config.pretrain_config()
-    spec, objective = seeded_model(pretrain)
+    spec, objective = seeded_model(pretrain, config.lora_options())
     load_shared(objective, saved["weights"], Site("coordinator", ""))
+    privacy = [entry["privacy"] for entry in saved["history"] if "privacy" in entry]
     report = {"rounds_done": saved["round"], "rounds": saved["history"], "sites": list(sites),
               "strategy": config.strategy, "objective": pretrain.objective, "model": spec.name,
-              "transfer": config.transfer, "retfm_version": __version__}
-    save_checkpoint(objective.backbone, spec, out / MODEL_FILENAME, name=f"{spec.name}-federated-{pretrain.objective}",
+              "transfer": config.transfer, "transfer_params": config.transfer_params,
+              "lora": config.lora.model_dump() if config.lora_options() else None,
+              "dp": {**config.dp.model_dump(), **privacy[-1]} if config.dp and privacy else None,
+              "retfm_version": __version__}
+    save_checkpoint(plain_backbone(objective), spec, out / MODEL_FILENAME,
+                    name=f"{spec.name}-federated-{pretrain.objective}",
                     description=f"{spec.name} pretrained by a {len(sites)}-site retfm federation "
                                 f"({config.strategy}, {pretrain.objective})",
                     objective=pretrain.objective, federated={k: v for k, v in report.items() if k != "rounds"},
@@ -97,9 +104,15 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
 def markdown_report(report: dict) -> str:
     """A small human-readable report: one table row per round and site."""
     lines = [f"# Federated run: {report['objective']} on {report['model']}, {report['strategy']}", "",
-             f"Sites: {', '.join(report['sites'])}. Rounds done: {report['rounds_done']}.", "",
-             "| round | site | train loss | images | test AUROC | test accuracy | test images |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"Sites: {', '.join(report['sites'])}. Rounds done: {report['rounds_done']}. Weights sent: "
+             f"{report['transfer_params']}, {report['transfer']}.", ""]
+    if report["dp"]:
+        dp = report["dp"]
+        lines += [f"Differential privacy (site level, noise added by the coordinator): clip norm {dp['clip_norm']:g}, "
+                  f"noise multiplier {dp['noise_multiplier']:g}; (epsilon, delta) = ({dp['epsilon']:.3g}, "
+                  f"{dp['delta']:g}) after {dp['releases']} noised round(s).", ""]
+    lines += ["| round | site | train loss | images | test AUROC | test accuracy | test images |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for entry in report["rounds"]:
         for site in report["sites"]:
             train = entry["train"].get(site, {})
@@ -107,12 +120,13 @@ def markdown_report(report: dict) -> str:
             lines.append(f"| {entry['round']} | {site} | {_cell(train.get('loss'))} | {train.get('num-examples', '')} "
                          f"| {_cell(test.get('auroc'))} | {_cell(test.get('accuracy'))} | "
                          f"{test.get('num-examples', '')} |")
-    lines += ["", "| round | sites aggregated | rejected | MB sent | MB received | seconds |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| round | sites aggregated | rejected | MB sent | MB received | seconds | epsilon |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for entry in report["rounds"]:
         rejected = "; ".join(f"{r['site'] or 'node ' + str(r['node'])}: {r['reason']}" for r in entry["rejected"])
         lines.append(f"| {entry['round']} | {entry['aggregated_sites']} | {rejected or 'none'} | "
-                     f"{entry['bytes_sent'] / 1e6:.2f} | {entry['bytes_received'] / 1e6:.2f} | {entry['seconds']} |")
+                     f"{entry['bytes_sent'] / 1e6:.2f} | {entry['bytes_received'] / 1e6:.2f} | {entry['seconds']} | "
+                     f"{_cell(entry.get('privacy', {}).get('epsilon'))} |")
     return "\n".join(lines) + "\n"
 
 

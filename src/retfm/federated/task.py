@@ -5,9 +5,11 @@ optimiser code) from the global weights and returns the new weights; ``local_eva
 with the global backbone, fits a logistic-regression probe on the site's train split and returns aggregate
 metrics of its test split. Neither returns anything per image: only weights, counts and metrics leave a site.
 
-The weights that travel are the objective's state (backbone, MAE decoder, token-reconstruction projector) less a
-token-reconstruction teacher: the teacher is the student's initial weights, drawn from the run's seed, so every
-site rebuilds the same frozen teacher and it never crosses the wire.
+What trains travels, nothing else: the weights that cross the wire are the objective's trainable parameters
+(backbone, MAE decoder, token-reconstruction projector and mask token). Everything else is rebuilt identically at
+every site from the run's seed and ``init``: a token-reconstruction teacher (the student's initial weights), MAE's
+fixed position table, and, with LoRA (``lora``), the frozen base backbone; then only the adapters and the
+objective's head train and travel.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from retfm.adapt.finetune import add_lora
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.config import PretrainConfig
+from retfm.config import FederatedLora, PretrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
@@ -31,7 +34,6 @@ from retfm.models import ModelSpec
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import MixedData, build_model, build_optimiser, mixed_precision, optimiser_step
 
-FROZEN_PREFIXES = ("teacher.",)  # rebuilt at every site from the seed, never sent
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
 
 Weights = dict[str, torch.Tensor]
@@ -53,27 +55,28 @@ def site_config(config: PretrainConfig, site: Site) -> PretrainConfig:
                                      "sites": None if site.rows is None else [site.rows]})
 
 
-def initial_weights(config: PretrainConfig) -> tuple[ModelSpec, Weights]:
+def initial_weights(config: PretrainConfig, lora: FederatedLora | None = None) -> tuple[ModelSpec, Weights]:
     """The spec and the shared weights every federation starts from (``config.init`` or the seed's draw)."""
-    spec, objective = seeded_model(config)
+    spec, objective = seeded_model(config, lora)
     return spec, shared_state(objective)
 
 
 def shared_state(objective: torch.nn.Module) -> Weights:
-    """The objective's tensors that travel between sites and coordinator (a copy, on the CPU)."""
-    return {name: tensor.detach().cpu().clone() for name, tensor in objective.state_dict().items()
-            if not name.startswith(FROZEN_PREFIXES)}
+    """The objective's tensors that travel between sites and coordinator: its trainable parameters (a copy, on
+    the CPU)."""
+    return {name: p.detach().cpu().clone() for name, p in objective.named_parameters() if p.requires_grad}
 
 
 def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainConfig, server_round: int = 1,
-                   proximal_mu: float = 0.0) -> tuple[Weights, dict[str, float]]:
+                   proximal_mu: float = 0.0, lora: FederatedLora | None = None) -> tuple[Weights, dict[str, float]]:
     """``steps`` optimiser steps of ``config.objective`` on the site's train split, from ``weights``. A fresh
     AdamW at a constant learning rate (``blr * images per step / 256``) each round; ``proximal_mu`` > 0 adds
-    FedProx's proximal term mu/2 ||w - w_global||^2. Returns the new weights and
-    ``{"num-examples": training images at the site, "loss": mean loss of the round's steps, "steps": steps}``."""
+    FedProx's proximal term mu/2 ||w - w_global||^2; ``lora``: the backbone wears these adapters. Returns the new
+    weights and ``{"num-examples": training images at the site, "loss": mean loss of the round's steps,
+    "steps": steps}``."""
     config = site_config(config, site)
     device = torch.device(config.device)
-    spec, objective = seeded_model(config)
+    spec, objective = seeded_model(config, lora)
     load_shared(objective, weights, site)
     objective = objective.to(device).train()
     # masks and noise differ between sites and rounds, yet repeat when a round is run again
@@ -102,13 +105,13 @@ def _proximal_term(objective: torch.nn.Module, mu: float) -> Callable[[], torch.
 
 
 def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainConfig, classes: list | None = None,
-                   batch_size: int = 32) -> dict[str, float]:
+                   batch_size: int = 32, lora: FederatedLora | None = None) -> dict[str, float]:
     """Probe the global backbone at one site: embed its labelled images, fit a logistic-regression head on the
     train split (C chosen on val, or on 15% of the training patients), evaluate on the test split. ``classes``:
     the label's classes across the federation (default: those seen at the site). Returns counts and metrics
     (``num-examples`` = test images); a metric undefined on the site's test rows is left out."""
     config = site_config(config, site)
-    spec, objective = seeded_model(config)
+    spec, objective = seeded_model(config, lora)
     load_shared(objective, weights, site)
     manifest = Manifest.read(site.data)
     table = manifest.table
@@ -148,19 +151,32 @@ def embed_rows(backbone: torch.nn.Module, manifest: Manifest, spec: ModelSpec, b
 
 
 def load_shared(objective: torch.nn.Module, weights: Weights, site: Site) -> None:
-    """Load the travelling weights into a freshly built objective; anything else missing or extra is an error."""
+    """Load the travelling weights into a freshly built objective; a trainable one missing, or any extra, is an
+    error."""
     missing, unexpected = objective.load_state_dict(weights, strict=False)
-    missing = [name for name in missing if not name.startswith(FROZEN_PREFIXES)]
+    trainable = {name for name, p in objective.named_parameters() if p.requires_grad}
+    missing = [name for name in missing if name in trainable]
     if missing or unexpected:
         raise RetfmError(f"site {site.name}: the global weights do not fit the configured model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def seeded_model(config: PretrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
-    """The run's model as ``retfm pretrain`` builds it from the seed: the same initial draw at every site."""
+def seeded_model(config: PretrainConfig, lora: FederatedLora | None = None) -> tuple[ModelSpec, torch.nn.Module]:
+    """The run's model as ``retfm pretrain`` builds it from the seed: the same initial draw at every site. With
+    ``lora`` the backbone is wrapped by peft with adapters (drawn from the same seed) and frozen; the objective's
+    own head (MAE decoder, token-reconstruction projector and mask token) stays trainable."""
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        return build_model(config)
+        spec, objective = build_model(config)
+        if lora is not None:
+            objective.backbone = add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        return spec, objective
+
+
+def plain_backbone(objective: torch.nn.Module) -> torch.nn.Module:
+    """The objective's backbone as a plain timm model: LoRA adapters, if any, merged into the base weights."""
+    backbone = objective.backbone
+    return backbone.merge_and_unload() if hasattr(backbone, "merge_and_unload") else backbone
 
 
 def _seed(seed: int, site: str, server_round: int) -> int:
