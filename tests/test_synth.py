@@ -12,12 +12,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import IngestConfig, PretrainConfig, SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
+from retfm.config import (IngestConfig, PretrainConfig, SynthAssembleConfig, SynthAuditConfig, SynthSampleConfig,
+                          SynthTrainConfig)
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.pretrain.trainer import pretrain
+from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
 from retfm.synth.audit import audit, frechet_distance, precision_recall
 from retfm.synth.sample import assign_conditions, parse_shares, sample
 from retfm.synth.train import WEIGHTS_FILENAME, log_losses, train
@@ -217,3 +219,110 @@ def test_cli_runs_sample_and_reports_errors_in_one_line(cohort, tmp_path):
     assert "memorisation:" in result.output and (tmp_path / "audit" / "report.html").is_file()
     with pytest.raises(RetfmError, match="not in the manifest"):
         train(_config(cohort / "real", label="no_such_label"), tmp_path / "bad")
+
+
+@pytest.fixture(scope="module")
+def submissions(cohort):
+    """What two sites send: each one's own generator (trained 2 steps on its rows only), exported."""
+    folders = []
+    for site in ("site1", "site2"):
+        train(_config(cohort / "real", cond=[], sites=[site], steps=2), cohort / f"trained_{site}")
+        export(cohort / f"trained_{site}", cohort / f"submission_{site}")
+        folders.append(cohort / f"submission_{site}")
+    return folders
+
+
+def _assembling(**changes) -> SynthAssembleConfig:
+    return SynthAssembleConfig(**{**dict(n=10, inference_steps=2, guidance=2.0, batch_size=10), **changes})
+
+
+def test_a_submission_holds_the_generator_and_card_only(cohort, submissions):
+    files = sorted(str(p.relative_to(submissions[0])) for p in submissions[0].rglob("*") if p.is_file())
+    assert files == sorted(SUBMISSION_FILES)  # no checkpoint (optimiser state), log or config file
+    assert (cohort / "trained_site1" / "checkpoint.pt").is_file()
+    for name in files:  # no local path: the card keeps the data's hash, not where it lives
+        assert str(cohort) not in (submissions[0] / name).read_text(errors="ignore")
+    with pytest.raises(RetfmError, match="not empty"):
+        export(cohort / "trained_site1", submissions[0])
+
+
+def test_assembly_samples_each_site_in_its_own_label_mix_with_provenance(cohort, submissions, tmp_path):
+    out = tmp_path / "central"
+    summary = assemble(submissions, out, _assembling())
+    assert (summary["images"], summary["generated_now"]) == (20, 20)
+    manifest = Manifest.read(out)
+    manifest.validate(check_files=True)  # paths are relative to the central folder
+    table = manifest.table
+    assert set(table["split"]) == {"train"} and table["synthetic"].all()
+    assert manifest.label_columns == ["dr_grade"]  # provenance columns are not labels
+    assert set(table["path"].str.split("/").str[0]) == {"site1", "site2"}
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["images"] == 20 and provenance["retfm_version"]
+    for entry, folder in zip(provenance["generators"], submissions):
+        card = json.loads((folder / "generator.json").read_text())
+        rows = table[table["source_site"] == card["data"]["sites"][0]]
+        assert len(rows) == entry["n"] == 10 and set(rows["generator_id"]) == {card["generator_id"]}
+        assert set(rows["generator_sha256"]) == {card["weights_sha256"]} == {entry["weights_sha256"]}
+        shares = card["class_shares"]["dr_grade"]
+        counts = rows["dr_grade"].astype(str).value_counts().to_dict()
+        assert set(counts) <= set(shares)
+        assert all(abs(counts.get(v, 0) - s * 10) < 1 for v, s in shares.items())  # the site's mix, within rounding
+        assert entry["class_shares"] == card["class_shares"] and entry["sites"] == card["data"]["sites"]
+        assert (entry["steps"], entry["images_seen"]) == (card["steps"], card["images_seen"])
+    assert provenance["generators"][0]["seed"] != provenance["generators"][1]["seed"]  # no shared starting noise
+
+    again = assemble(submissions, out, _assembling())  # resumes: nothing to draw again
+    assert (again["generated_now"], again["kept"]) == (0, 20)
+    assert Manifest.read(out).table.equals(table)
+    with pytest.raises(RetfmError, match="other generators or options"):
+        assemble(submissions, out, _assembling(guidance=1.0))
+
+    split = assemble(submissions, tmp_path / "by_images", _assembling(n=7, allocation="by_images"))
+    images = [json.loads((f / "generator.json").read_text())["data"]["images"] for f in submissions]
+    counts = Manifest.read(tmp_path / "by_images").table["source_site"].value_counts()
+    assert split["images"] == 7 and all(abs(counts[f"site{i + 1}"] - 7 * m / sum(images)) < 1
+                                        for i, m in enumerate(images))
+
+    result = pretrain(PretrainConfig(objective="mae", data=[str(out)], model="tiny-vit", steps=2, batch_size=2,
+                                     workers=0, warmup_steps=1,
+                                     objective_options={"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}),
+                      tmp_path / "pre")
+    assert result["steps"] == 2 and result["data"][0]["images"] == 20
+
+
+def test_assembly_refuses_altered_weights_and_repeated_generators(submissions, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(submissions[1], tampered)
+    weights = tampered / "unet" / WEIGHTS_FILENAME
+    weights.write_bytes(weights.read_bytes()[:-8])  # a partial upload
+    for generators in ([submissions[0], tampered], [tampered]):
+        with pytest.raises(RetfmError, match="differ from its card") as refused:
+            assemble(generators, tmp_path / "out", _assembling())
+        assert str(tampered) in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()  # refused before any sampling
+
+    copy = tmp_path / "copy"
+    shutil.copytree(submissions[0], copy)
+    for generators in ([submissions[0], submissions[0]], [submissions[0], copy]):
+        with pytest.raises(RetfmError, match="the same generator as"):
+            assemble(generators, tmp_path / "out", _assembling())
+    with pytest.raises(RetfmError, match="gets no image"):
+        assemble(submissions, tmp_path / "out", _assembling(n=1, allocation="by_images"))
+
+
+def test_cli_exports_and_assembles_and_reports_errors_in_one_line(cohort, submissions, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["synth", "export", "--generator", str(cohort / "trained_site2"),
+                                 "--out", str(tmp_path / "sub")])
+    assert result.exit_code == 0 and "send this folder" in " ".join(result.output.split()), result.output
+    result = runner.invoke(app, ["synth", "assemble", "--generator", str(submissions[0]), "--generator",
+                                 str(tmp_path / "sub"), "--n", "2", "--inference-steps", "2",
+                                 "--out", str(tmp_path / "central")])
+    assert result.exit_code == 0, result.output
+    assert "4 synthetic images from 2 generators" in " ".join(result.output.split())
+    assert len(Manifest.read(tmp_path / "central").table) == 4
+    (tmp_path / "sub" / "unet" / WEIGHTS_FILENAME).write_bytes(b"not the weights")
+    result = runner.invoke(app, ["synth", "assemble", "--generator", str(submissions[0]), "--generator",
+                                 str(tmp_path / "sub"), "--n", "2", "--out", str(tmp_path / "again")])
+    assert isinstance(result.exception, RetfmError) and "\n" not in str(result.exception)
+    assert str(tmp_path / "sub") in str(result.exception)

@@ -186,14 +186,11 @@ class SynthTrainConfig(BaseModel):
         return value
 
 
-class SynthSampleConfig(BaseModel):
-    """Options of ``retfm synth sample``."""
+class SynthSamplerOptions(BaseModel):
+    """How images are drawn from a generator: options shared by ``retfm synth sample`` and ``assemble``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    n: int = Field(..., ge=1, description="images to generate")
-    labels: str | None = Field(None, description='condition shares, e.g. "dr_grade=0:0.5,1:0.5;site=site1:1" '
-                                                 "(default: the training data's shares)")
     sampler: Literal["ddim", "dpm"] = Field("ddim", description="DDIM or DPM-Solver++ (multistep)")
     inference_steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale (1: conditional only, "
@@ -201,6 +198,23 @@ class SynthSampleConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
+
+
+class SynthSampleConfig(SynthSamplerOptions):
+    """Options of ``retfm synth sample``."""
+
+    n: int = Field(..., ge=1, description="images to generate")
+    labels: str | None = Field(None, description='condition shares, e.g. "dr_grade=0:0.5,1:0.5;site=site1:1" '
+                                                 "(default: the training data's shares)")
+
+
+class SynthAssembleConfig(SynthSamplerOptions):
+    """Options of ``retfm synth assemble``: every generator is sampled in its own training shares."""
+
+    n: int = Field(..., ge=1, description="images per generator, or in all with allocation=by_images")
+    allocation: Literal["per_generator", "by_images"] = Field(
+        "per_generator", description="per_generator: n images from each generator; by_images: n in all, split in "
+                                     "proportion to each generator's training images (its card's data.images)")
 
 
 class SynthAuditConfig(BaseModel):

@@ -1,4 +1,5 @@
-"""``retfm synth``: train a label-conditioned image generator, sample a synthetic cohort, audit it."""
+"""``retfm synth``: train a label-conditioned image generator, sample a synthetic cohort, audit it; a site exports
+its generator and the coordinator assembles every site's samples into one pretraining set."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import typer
 
 from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, stdout
 
-app = typer.Typer(help="Synthetic fundus images: conditional diffusion (train, sample) and audits.",
+app = typer.Typer(help="Synthetic fundus images: conditional diffusion (train, sample, export, assemble) and audits.",
                   no_args_is_help=True, rich_markup_mode=None)
 
 
@@ -102,3 +103,48 @@ def audit(
                      f"kappa {labels['kappa']:.3f}")
     stdout.print(f"memorisation: {m['near_copies']} near-copies ({100 * m['near_copy_share']:.1f}%), "
                  f"{'FLAGGED' if m['flagged'] else 'not flagged'}; report: {out / 'report.html'}")
+
+
+@app.command()
+def export(
+    generator: Path = typer.Option(..., "--generator", help="folder written by `retfm synth train`"),
+    out: Path = typer.Option(..., "--out", help="new folder: the submission a site sends the coordinator"),
+) -> None:
+    """Copy what a site sends the coordinator: unet/, scheduler/ and generator.json (no checkpoint, log or config)."""
+    from retfm.synth.assemble import export as run_export
+
+    card = run_export(generator, out)
+    stdout.print(f"submission of {card['generator_id']} (sites: {', '.join(map(str, card['data']['sites']))}) in "
+                 f"{out}; send this folder to the coordinator")
+
+
+@app.command()
+def assemble(
+    generator: list[Path] = typer.Option(..., "--generator", help="a site's submitted generator folder "
+                                                                   "(repeatable, once per generator)"),
+    n: int = typer.Option(None, "--n", help="images per generator (or in all with --allocation by_images)"),
+    allocation: str = typer.Option(None, "--allocation", help="per_generator|by_images (n split by each "
+                                                              "generator's training images) [default: per_generator]"),
+    out: Path = typer.Option(..., "--out", help="folder for <site>/ samples, manifest.parquet and provenance.json "
+                                                "(resumed if it exists)"),
+    sampler: str = typer.Option(None, "--sampler", help="ddim|dpm [default: ddim]"),
+    inference_steps: int = typer.Option(None, "--inference-steps", help="denoising steps [default: 50]"),
+    guidance: float = typer.Option(None, "--guidance", help="classifier-free guidance scale [default: 2.0]"),
+    batch_size: int = typer.Option(None, "--batch-size", help="images per batch [default: 64]"),
+    device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
+    seed: int = typer.Option(None, "--seed", help="seed [default: 0]"),
+    config: Path = typer.Option(None, "--config", help=ConfigOption),
+    sets: list[str] = typer.Option(None, "--set", help=SetOption),
+) -> None:
+    """Sample every site's generator in its own label mix into one synthetic pretraining set with provenance."""
+    from retfm.config import SynthAssembleConfig, load_config
+    from retfm.synth.assemble import assemble as run_assemble
+
+    options = {"n": n, "allocation": allocation, "sampler": sampler, "inference_steps": inference_steps,
+               "guidance": guidance, "batch_size": batch_size, "device": device, "seed": seed}
+    cfg = load_config(SynthAssembleConfig, config, options, sets)
+    with progress_bar("synth assemble", unit="img") as (total, advance):
+        summary = run_assemble(generator, out, cfg, progress=advance, total=total)
+    stdout.print(f"{summary['images']} synthetic images from {summary['generators']} generators in {out} "
+                 f"({summary['generated_now']} generated now, {summary['kept']} kept); manifest and "
+                 f"provenance.json there; pretrain with --data {out}")

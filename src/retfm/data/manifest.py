@@ -34,7 +34,7 @@ STRING_COLUMNS = ("image_id", "path", "site", "split", "patient_id", "eye", "mod
 # Columns written by ingest that describe the image itself rather than a label.
 IMAGE_INFO_COLUMNS = ("source", "quality", "quality_exposure", "quality_sharpness", "fov_fraction", "fov_cx",
                       "fov_cy", "fov_radius", "fov_full_frame", "source_width", "source_height", "width", "height",
-                      "synthetic", "generator_id", "generator_sha256")
+                      "synthetic", "generator_id", "generator_sha256", "source_site")
 CONVENTIONAL_COLUMNS = frozenset(REQUIRED_COLUMNS + STRING_COLUMNS + GROUP_COLUMNS + IMAGE_INFO_COLUMNS)
 
 

@@ -110,13 +110,21 @@ def assign_conditions(n: int, shares: dict[str, dict], seed: int) -> pd.DataFram
     rng = np.random.default_rng([seed, n])
     columns = {}
     for column, column_shares in shares.items():
-        values, weights = list(column_shares), np.array(list(column_shares.values()))
-        counts = np.floor(weights * n).astype(int)
-        remainders = weights * n - counts
-        counts[np.argsort(-remainders, kind="stable")[: n - counts.sum()]] += 1
+        values = list(column_shares)
+        counts = exact_counts(list(column_shares.values()), n)
         columns[column] = rng.permutation(np.repeat(np.arange(len(values)), counts))
         columns[column] = pd.Series([values[k] for k in columns[column]])
     return pd.DataFrame(columns)
+
+
+def exact_counts(shares, n: int) -> np.ndarray:
+    """``n`` split by ``shares`` (summing to 1) by largest remainders: each count is within 1 of its share of
+    ``n`` and the counts sum to ``n`` (ties go to the earlier share)."""
+    shares = np.asarray(shares, dtype=float)
+    counts = np.floor(shares * n).astype(int)
+    remainders = shares * n - counts
+    counts[np.argsort(-remainders, kind="stable")[: n - counts.sum()]] += 1
+    return counts
 
 
 def initial_noise(seed: int, index: int, size: int) -> torch.Tensor:

@@ -175,7 +175,8 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
         "data": data.summary, "steps": state["step"], "images_seen": state["images_seen"], "ema": config.ema,
         "compute": {"training_flops_estimate": flops_per_image * state["images_seen"], "device": str(device),
                     "device_hours": round(state["seconds"] / 3600, 5), "precision": config.precision},
-        "config": config.model_dump(mode="json"), "weights_sha256": weights_sha256, "licence": "as the training data",
+        "config": config.model_dump(mode="json", exclude={"data"}),  # no local path leaves with the card
+        "weights_sha256": weights_sha256, "licence": "as the training data",
         "retfm_version": __version__,
     }
     (out / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
@@ -287,17 +288,29 @@ def load_generator(path: Path):
     from diffusers import DDPMScheduler, UNet2DModel
 
     path = Path(path)
+    card = verified_card(path)
+    unet = UNet2DModel.from_pretrained(path / UNET_DIR, use_safetensors=True).eval()
+    scheduler_config = DDPMScheduler.load_config(path / SCHEDULER_DIR)
+    return unet, scheduler_config, card
+
+
+def verified_card(path: Path) -> dict:
+    """The card of a generator folder whose weights are the ones the card's ``weights_sha256`` names."""
+    path = Path(path)
     card_file = path / CARD_FILENAME
     if not card_file.is_file() or not (path / UNET_DIR / WEIGHTS_FILENAME).is_file():
         raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {CARD_FILENAME} or "
                          f"{UNET_DIR}/{WEIGHTS_FILENAME})")
-    card = json.loads(card_file.read_text())
-    if file_sha256(path / UNET_DIR / WEIGHTS_FILENAME) != card["weights_sha256"]:
-        raise RetfmError(f"{path / UNET_DIR / WEIGHTS_FILENAME}: its hash differs from the card's; the weights "
-                         f"were changed after training")
-    unet = UNet2DModel.from_pretrained(path / UNET_DIR, use_safetensors=True).eval()
-    scheduler_config = DDPMScheduler.load_config(path / SCHEDULER_DIR)
-    return unet, scheduler_config, card
+    try:
+        card = json.loads(card_file.read_text())
+    except ValueError:
+        raise RetfmError(f"{card_file}: not a JSON generator card") from None
+    if not isinstance(card, dict) or card.get("kind") != "retfm-synth-generator":
+        raise RetfmError(f"{card_file}: not a `retfm synth train` generator card")
+    if file_sha256(path / UNET_DIR / WEIGHTS_FILENAME) != card.get("weights_sha256"):
+        raise RetfmError(f"{path}: its weights differ from its card's weights_sha256 (changed after training, "
+                         f"or a partial upload)")
+    return card
 
 
 def log_losses(out: Path) -> list[float]:
