@@ -165,7 +165,7 @@ def test_a_lora_fp16_dp_run_sends_only_adapters_and_head_and_merges_them_at_the_
     assert [e["privacy"]["epsilon"] for e in saved["history"]] == pytest.approx(
         [_library_epsilon(1.0, r, 1e-5) for r in (1, 2)], rel=1e-9)
 
-    report = finish(config, sites, tmp_path)
+    report = finish(config, [site.name for site in sites], tmp_path)
     assert report["dp"]["epsilon"] == saved["history"][-1]["privacy"]["epsilon"] and report["dp"]["releases"] == 2
     assert "| 2 | 3 | none |" in (tmp_path / "report.md").read_text()
     merged = create(str(tmp_path / "model.safetensors")).state_dict()
