@@ -4,6 +4,7 @@ its generator and the coordinator assembles every site's samples into one pretra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,6 +12,15 @@ from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, std
 
 app = typer.Typer(help="Synthetic fundus images: conditional diffusion (train, sample, export, assemble) and audits.",
                   no_args_is_help=True, rich_markup_mode=None)
+
+
+# the sampling options of `sample` and `assemble`
+Sampler = Annotated[str, typer.Option("--sampler", help="ddim|dpm [default: ddim]")]
+InferenceSteps = Annotated[int, typer.Option("--inference-steps", help="denoising steps [default: 50]")]
+Guidance = Annotated[float, typer.Option("--guidance", help="classifier-free guidance scale [default: 2.0]")]
+SampleBatch = Annotated[int, typer.Option("--batch-size", help="images per batch [default: 64]")]
+Device = Annotated[str, typer.Option("--device", help="cpu|cuda [default: cpu]")]
+Seed = Annotated[int, typer.Option("--seed", help="seed [default: 0]")]
 
 
 @app.command()
@@ -54,12 +64,12 @@ def sample(
     labels: str = typer.Option(None, "--labels", help='condition shares, e.g. "dr_grade=0:0.5,1:0.2,2:0.3" '
                                                       '(";" between columns) [default: the training shares]'),
     out: Path = typer.Option(..., "--out", help="folder for images/ and manifest.parquet (resumed if it exists)"),
-    sampler: str = typer.Option(None, "--sampler", help="ddim|dpm [default: ddim]"),
-    inference_steps: int = typer.Option(None, "--inference-steps", help="denoising steps [default: 50]"),
-    guidance: float = typer.Option(None, "--guidance", help="classifier-free guidance scale [default: 2.0]"),
-    batch_size: int = typer.Option(None, "--batch-size", help="images per batch [default: 64]"),
-    device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
-    seed: int = typer.Option(None, "--seed", help="seed [default: 0]"),
+    sampler: Sampler = None,
+    inference_steps: InferenceSteps = None,
+    guidance: Guidance = None,
+    batch_size: SampleBatch = None,
+    device: Device = None,
+    seed: Seed = None,
     config: Path = typer.Option(None, "--config", help=ConfigOption),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
@@ -127,12 +137,12 @@ def assemble(
                                                               "generator's training images) [default: per_generator]"),
     out: Path = typer.Option(..., "--out", help="folder for <site>/ samples, manifest.parquet and provenance.json "
                                                 "(resumed if it exists)"),
-    sampler: str = typer.Option(None, "--sampler", help="ddim|dpm [default: ddim]"),
-    inference_steps: int = typer.Option(None, "--inference-steps", help="denoising steps [default: 50]"),
-    guidance: float = typer.Option(None, "--guidance", help="classifier-free guidance scale [default: 2.0]"),
-    batch_size: int = typer.Option(None, "--batch-size", help="images per batch [default: 64]"),
-    device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
-    seed: int = typer.Option(None, "--seed", help="seed [default: 0]"),
+    sampler: Sampler = None,
+    inference_steps: InferenceSteps = None,
+    guidance: Guidance = None,
+    batch_size: SampleBatch = None,
+    device: Device = None,
+    seed: Seed = None,
     config: Path = typer.Option(None, "--config", help=ConfigOption),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
