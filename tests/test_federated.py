@@ -13,8 +13,8 @@ from retfm.config import FederatedConfig, IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.federated.apps import build_strategy, client_app, restore_strategy, screen, strategy_state
-from retfm.federated.simulation import resolve_sites, simulate
-from retfm.federated.task import initial_weights, local_evaluate, local_pretrain
+from retfm.federated.simulation import representativeness, resolve_sites, simulate
+from retfm.federated.task import MIN_CELL, initial_weights, local_evaluate, local_pretrain, site_profile
 from retfm.models import create
 
 PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 4, "workers": 0, "blr": 0.05}
@@ -84,6 +84,29 @@ class _TwoNodes:
 
     def get_node_ids(self):
         return [1, 2]
+
+
+def test_a_site_profile_counts_groups_and_pools_small_cells(cohort):
+    config = _config(cohort, evaluate_label="glaucoma")
+    site = resolve_sites(config)[0]
+    profile = site_profile(site, config.pretrain_config(), ["glaucoma"])
+    table = pd.read_parquet(cohort / "manifest.parquet")
+    rows = table[(table["site"] == site.rows) & (table["split"] == "train")]
+    assert profile["images"] == len(rows)
+    for column in ("sex", "country", "age_band", "glaucoma"):
+        counts = [n for key, n in profile.items() if key.startswith(f"{column}=")]
+        assert sum(counts) == len(rows) and min(counts) >= 1
+        assert all(n >= MIN_CELL for key, n in profile.items() if key.startswith(f"{column}=") and "fewer" not in key)
+    assert profile["sex=F"] == int((rows["sex"] == "F").sum())
+
+
+def test_representativeness_compares_each_site_with_the_federation():
+    history = [{"profile": {"a": {"images": 10, "sex=F": 5, "sex=M": 5}}},
+               {"profile": {"a": {"images": 10, "sex=F": 8, "sex=M": 2}, "b": {"images": 30, "sex=F": 6, "sex=M": 24}}}]
+    rows = {row["value"]: row for row in representativeness(history)}
+    assert rows["F"]["federation"] == pytest.approx(14 / 40) and rows["F"]["sites"] == {"a": 0.8, "b": 0.2}
+    assert rows["F"]["max_gap_pp"] == pytest.approx(100 * (0.8 - 14 / 40), abs=0.05)
+    assert representativeness([{"train": {}}]) == []
 
 
 def test_nan_and_huge_replies_are_rejected_and_fp16_is_widened(cohort):
@@ -160,6 +183,8 @@ def test_a_simulated_run_moves_only_weights_and_metrics_and_survives_a_crashed_s
     final = create(str(tmp_path / "run" / "model.safetensors")).state_dict()
     assert max(float((final[k] - initial[f"backbone.{k}"]).abs().max()) for k in final) > 1e-4
     assert (tmp_path / "run" / "report.md").read_text().count("| 2 | site") == 3
+    assert {row["column"] for row in report["representativeness"]} >= {"sex", "country", "glaucoma"}
+    assert set(report["representativeness"][0]["sites"]) == {"site1", "site2", "site3"}
 
     # Every message of the run: weights of the model's own shapes, scalar metrics, no identifier anywhere.
     manifest = pd.read_parquet(cohort / "manifest.parquet")
@@ -171,7 +196,11 @@ def test_a_simulated_run_moves_only_weights_and_metrics_and_survives_a_crashed_s
             assert direction == "received" and "disk unplugged" in message.error.reason
             continue
         content = message.content
-        assert set(content.keys()) <= {"arrays", "config", "metrics", "site"}
+        assert set(content.keys()) <= {"arrays", "config", "metrics", "site", "profile"}
+        if "profile" in content:  # group counts of the site's images: "column=value" keys, nothing per image
+            assert {key.partition("=")[0] for key in content["profile"]} <= {"images", "sex", "country", "age_band",
+                                                                               "glaucoma"}
+            assert not {key.partition("=")[2] for key in content["profile"]} & identifiers
         for record in content.array_records.values():
             assert {k: tuple(a.shape) for k, a in record.items()} == shapes
         for record in content.metric_records.values():

@@ -30,7 +30,7 @@ from flwr.serverapp import strategy as flower
 from retfm.config import FederatedConfig
 from retfm.errors import RetfmError
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
-from retfm.federated.task import Site, initial_weights, local_evaluate, local_pretrain
+from retfm.federated.task import Site, initial_weights, local_evaluate, local_pretrain, site_profile
 from retfm.runs import save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -78,6 +78,7 @@ def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_e
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site, config = resolve(context)
+        labels = [config.evaluate_label] if config.evaluate_label else []
         settings = msg.content["config"]
         weights = msg.content["arrays"].to_torch_state_dict()
         new, metrics = train_fn(weights, site, int(settings["local-steps"]), config.pretrain_config(),
@@ -89,7 +90,9 @@ def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_e
         if config.transfer == "fp16":
             new = {k: v.half() if v.is_floating_point() else v for k, v in new.items()}
         return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(metrics),
-                                   "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+                                   "site": ConfigRecord({"name": site.name}),
+                                   "profile": ConfigRecord(site_profile(site, config.pretrain_config(), labels))}),
+                       reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -149,6 +152,7 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
             server_round, arrays, ConfigRecord({"local-steps": config.local_steps}), grid))
         accepted, rejected = screen(replies, config.max_abs_weight)
         entry = {"round": server_round, "train": {_site(r): dict(r.content["metrics"]) for r in accepted},
+                 "profile": {_site(r): dict(r.content["profile"]) for r in accepted if "profile" in r.content},
                  "rejected": rejected, "bytes_sent": sent, "bytes_received": received}
         aggregated, _ = strategy.aggregate_train(server_round, accepted) if accepted else (None, None)
         if aggregated is not None:

@@ -77,8 +77,7 @@ def open_run(config: FederatedConfig, out: Path, resume: bool) -> Path:
 
 def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
     """Write the global backbone (LoRA adapters merged in) as a retfm checkpoint and the report (per site of
-    ``sites``, by name) from the
-    coordinator's checkpoint."""
+    ``sites``, by name) from the coordinator's checkpoint."""
     saved = torch.load(out / CHECKPOINT_FILENAME, map_location="cpu", weights_only=True)
     pretrain = config.pretrain_config()
     spec, objective = seeded_model(pretrain, config.lora_options())
@@ -89,7 +88,7 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
               "transfer": config.transfer, "transfer_params": config.transfer_params,
               "lora": config.lora.model_dump() if config.lora_options() else None,
               "dp": {**config.dp.model_dump(), **privacy[-1]} if config.dp and privacy else None,
-              "retfm_version": __version__}
+              "representativeness": representativeness(saved["history"]), "retfm_version": __version__}
     save_checkpoint(plain_backbone(objective), spec, out / MODEL_FILENAME,
                     name=f"{spec.name}-federated-{pretrain.objective}",
                     description=f"{spec.name} pretrained by a {len(sites)}-site retfm federation "
@@ -99,6 +98,28 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown_report(report))
     return report
+
+
+def representativeness(history: list[dict]) -> list[dict]:
+    """How each site's contributed images compare with the whole federation's, from the counts the sites sent
+    (their latest profile): one row per group value with its share of all images and of each site's, and each
+    site's gap from the federation in percentage points."""
+    profiles: dict[str, dict] = {}
+    for entry in history:
+        profiles |= entry.get("profile", {})
+    if not profiles:
+        return []
+    total = sum(p["images"] for p in profiles.values())
+    keys = sorted({key for p in profiles.values() for key in p if key != "images"})
+    rows = []
+    for key in keys:
+        column, _, value = key.partition("=")
+        share = sum(p.get(key, 0) for p in profiles.values()) / total
+        sites = {site: p.get(key, 0) / p["images"] for site, p in sorted(profiles.items()) if p["images"]}
+        rows.append({"column": column, "value": value, "federation": round(share, 4),
+                     "sites": {site: round(v, 4) for site, v in sites.items()},
+                     "max_gap_pp": round(100 * max(abs(v - share) for v in sites.values()), 1)})
+    return rows
 
 
 def markdown_report(report: dict) -> str:
@@ -127,6 +148,16 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {entry['round']} | {entry['aggregated_sites']} | {rejected or 'none'} | "
                      f"{entry['bytes_sent'] / 1e6:.2f} | {entry['bytes_received'] / 1e6:.2f} | {entry['seconds']} | "
                      f"{_cell(entry.get('privacy', {}).get('epsilon'))} |")
+    if report["representativeness"]:
+        sites = list(report["representativeness"][0]["sites"])
+        lines += ["", "## Contributed data", "",
+                  "Share of the training images in each group: the whole federation's and each site's (from counts "
+                  "the sites sent; a value fewer than 5 images hold is pooled).", "",
+                  f"| group | value | federation | {' | '.join(sites)} | largest gap (pp) |",
+                  "| --- | --- | --- | " + "--- | " * len(sites) + "--- |"]
+        lines += [f"| {row['column']} | {row['value']} | {row['federation']:.2f} | "
+                  + " | ".join(f"{row['sites'].get(site, 0):.2f}" for site in sites) + f" | {row['max_gap_pp']} |"
+                  for row in report["representativeness"]]
     return "\n".join(lines) + "\n"
 
 

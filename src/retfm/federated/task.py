@@ -28,6 +28,7 @@ from retfm.adapt.probe import LogisticHead, hold_out
 from retfm.config import FederatedLora, PretrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
+from retfm.data.stats import age_band
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import ModelSpec
@@ -35,6 +36,8 @@ from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import MixedData, build_model, build_optimiser, mixed_precision, optimiser_step
 
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
+PROFILE_COLUMNS = ("sex", "country", "age_band")  # the groups whose mix each site reports
+MIN_CELL = 5
 
 Weights = dict[str, torch.Tensor]
 
@@ -47,6 +50,28 @@ class Site:
     name: str
     data: str
     rows: str | None = None
+
+
+def site_profile(site: Site, config: PretrainConfig, labels: list[str]) -> dict[str, int]:
+    """What a site contributes, as counts a report may show: ``images`` (its rows of ``config.split``), and per
+    value of sex, country, age band and each of ``labels`` the number of those images, as ``"column=value"``.
+    Values held by fewer than :data:`MIN_CELL` images are pooled into ``"column=(fewer than 5 each)"`` (the
+    small-cell rule of health statistics), so no rare group is singled out."""
+    table = Manifest.read(site.data).table
+    if config.split:
+        table = table[table["split"] == config.split]
+    if site.rows is not None:
+        table = table[table["site"].astype(str) == site.rows]
+    table = table.assign(age_band=age_band(table["age"])) if "age" in table else table
+    profile = {"images": len(table)}
+    for column in [*PROFILE_COLUMNS, *labels]:
+        if column not in table:
+            continue
+        counts = table[column].astype("string").fillna("unknown").value_counts()
+        profile |= {f"{column}={value}": int(n) for value, n in counts.items() if n >= MIN_CELL}
+        if (counts < MIN_CELL).any():
+            profile[f"{column}=(fewer than {MIN_CELL} each)"] = int(counts[counts < MIN_CELL].sum())
+    return profile
 
 
 def site_config(config: PretrainConfig, site: Site) -> PretrainConfig:
