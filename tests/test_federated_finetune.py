@@ -11,12 +11,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.finetune import predict
-from retfm.config import FederatedConfig, load_config
+from retfm.config import FederatedConfig, ServeConfig, load_config
 from retfm.errors import RetfmError
 from retfm.federated.apps import client_app, coordinate
 from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_finetune, local_test, seeded_classifier, start_weights
 from retfm.models import create, preprocessing, spec
+from retfm.serve.screening import Screener
 from tests.test_federated import METRIC_KEYS, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
 from tests.test_federated_privacy import InProcessGrid
 
@@ -133,3 +134,5 @@ def test_a_simulated_finetuning_run_writes_a_classifier_that_predicts_as_the_sit
         assert reported["num-examples"] == len(test)
         assert roc_auc_score(test["glaucoma"].astype(int), probabilities[:, 1]) == pytest.approx(reported["auroc"])
         assert np.allclose(probabilities.sum(axis=1), 1)
+    served = Screener(ServeConfig(model=path, api_key="k" * 16)).model_card()
+    assert served["classes"] == ["0", "1"] and served["threshold"] is None and served["label"] == "glaucoma"

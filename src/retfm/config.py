@@ -425,11 +425,13 @@ class FederatedConfig(BaseModel):
     sites: list[FederatedSite] | None = Field(None, description="or the sites one by one (several manifests)")
     task: Literal["pretrain", "finetune"] = Field("pretrain", description="what the sites train: pretrain (the "
                                                   "pretrain: objective) or finetune (a classifier of finetune.label)")
-    pretrain: dict | None = Field(None, description="task pretrain: retfm pretrain options of every site's local work "
-                                                    "(objective, model, batch_size, blr, ...); data comes from the sites")
-    finetune: dict | None = Field(None, description="task finetune: retfm finetune options of every site's local work "
-                                                    "(model, weights, label, adaptation, blr, ...) and classes, the "
-                                                    "label's values in the classifier's order; data comes from the sites")
+    pretrain: dict | None = Field(None, description="task pretrain: retfm pretrain options of every site's local "
+                                                    "work (objective, model, batch_size, blr, ...); data comes from "
+                                                    "the sites")
+    finetune: dict | None = Field(None, description="task finetune: retfm finetune options of every site's local "
+                                                    "work (model, weights, label, adaptation, blr, ...) and classes, "
+                                                    "the label's values in the classifier's order; data comes from "
+                                                    "the sites")
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(10, ge=1, description="optimiser steps per site and round")
     strategy: Literal[FEDERATED_STRATEGIES] = "fedavg"
