@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from retfm.adapt import finetune as recipe
-from retfm.adapt.finetune import add_lora
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
 from retfm.config import FederatedConfig, FederatedLora, FinetuneConfig, PretrainConfig
@@ -300,7 +299,7 @@ def seeded_model(config: PretrainConfig, lora: FederatedLora | None = None) -> t
         torch.manual_seed(config.seed)
         spec, objective = build_model(config)
         if lora is not None:
-            objective.backbone = add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
+            objective.backbone = recipe.add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
         return spec, objective
 
 
