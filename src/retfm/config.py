@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from retfm.errors import RetfmError
 
@@ -423,8 +423,15 @@ class FederatedConfig(BaseModel):
 
     data: str | None = Field(None, description="one ingest folder or manifest: one site per value of its site column")
     sites: list[FederatedSite] | None = Field(None, description="or the sites one by one (several manifests)")
-    pretrain: dict = Field(..., description="retfm pretrain options of every site's local work (objective, model, "
-                                            "batch_size, blr, ...); data comes from the sites")
+    task: Literal["pretrain", "finetune"] = Field("pretrain", description="what the sites train: pretrain (the "
+                                                  "pretrain: objective) or finetune (a classifier of finetune.label)")
+    pretrain: dict | None = Field(None, description="task pretrain: retfm pretrain options of every site's local "
+                                                    "work (objective, model, batch_size, blr, ...); data comes from "
+                                                    "the sites")
+    finetune: dict | None = Field(None, description="task finetune: retfm finetune options of every site's local "
+                                                    "work (model, weights, label, adaptation, blr, ...) and classes, "
+                                                    "the label's values in the classifier's order; data comes from "
+                                                    "the sites")
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(10, ge=1, description="optimiser steps per site and round")
     strategy: Literal[FEDERATED_STRATEGIES] = "fedavg"
@@ -446,10 +453,43 @@ class FederatedConfig(BaseModel):
     @field_validator("pretrain")
     @classmethod
     def _check_pretrain(cls, value):
+        if value is None:
+            return value
         if "data" in value or "sites" in value:
             raise ValueError("pretrain.data / pretrain.sites come from the federation's sites; leave them out")
         PretrainConfig.model_validate({**value, "data": ["site"]})
         return value
+
+    @field_validator("finetune")
+    @classmethod
+    def _check_finetune(cls, value):
+        if value is None:
+            return value
+        given = sorted(set(value) & {"data", "train_sites", "test_sites"})
+        if given:
+            raise ValueError(f"finetune.{', finetune.'.join(given)}: the data come from the federation's sites; "
+                             "leave them out")
+        classes = value.get("classes")
+        if not isinstance(classes, list) or len({str(c) for c in classes}) != len(classes) or len(classes) < 2:
+            raise ValueError("finetune.classes: the label's values in the classifier's order, at least two distinct "
+                             "(every site trains and tests on these, whatever it holds)")
+        FinetuneConfig.model_validate({**_without_classes(value), "data": "site"})
+        return value
+
+    @model_validator(mode="after")
+    def _check_task(self):
+        if self.task == "pretrain" and (self.pretrain is None or self.finetune is not None):
+            raise ValueError("task pretrain: give pretrain options, not finetune")
+        if self.task == "finetune":
+            if self.finetune is None or self.pretrain is not None:
+                raise ValueError("task finetune: give finetune options, not pretrain")
+            if self.transfer_params == "lora":
+                raise ValueError("task finetune: what travels is what finetune.adaptation trains; for LoRA-only "
+                                 "transfer set finetune.adaptation: lora (and finetune.lora_rank, ...)")
+            label = self.finetune["label"]
+            if self.evaluate_label not in (None, label):
+                raise ValueError(f"task finetune: the classifier predicts {label!r}; evaluate_label is that or null")
+        return self
 
     @field_validator("dp")
     @classmethod
@@ -463,9 +503,29 @@ class FederatedConfig(BaseModel):
         """The sites' pretraining options (``data`` is set per site)."""
         return PretrainConfig.model_validate({**self.pretrain, "data": ["site"]})
 
+    def finetune_config(self) -> FinetuneConfig:
+        """The sites' fine-tuning options (each site reads its own data)."""
+        return FinetuneConfig.model_validate({**_without_classes(self.finetune), "data": "site"})
+
+    def classes(self) -> list[str]:
+        """Task finetune: the label's classes, as strings, in the classifier's order."""
+        return [str(c) for c in self.finetune["classes"]]
+
+    def local_config(self) -> PretrainConfig | FinetuneConfig:
+        """The options of a site's local work for the task."""
+        return self.finetune_config() if self.task == "finetune" else self.pretrain_config()
+
+    def local_options(self) -> dict:
+        """Keyword options of a site's local work: ``classes`` (finetune) or ``lora`` (pretrain)."""
+        return {"classes": self.classes()} if self.task == "finetune" else {"lora": self.lora_options()}
+
     def lora_options(self) -> FederatedLora | None:
         """The adapters when only LoRA weights travel, else None."""
         return self.lora if self.transfer_params == "lora" else None
+
+
+def _without_classes(finetune: dict) -> dict:
+    return {key: value for key, value in finetune.items() if key != "classes"}
 
 
 def parse_set(assignment: str) -> tuple[list[str], object]:

@@ -28,7 +28,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +43,12 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from retfm import __version__
 from retfm.adapt.predictions import resolve_task, write_results, youden_threshold
 from retfm.config import FinetuneConfig, save_config
-from retfm.data.datasets import ManifestDataset, eval_transform
+from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
-from retfm.models import create, save_checkpoint, spec as model_spec
+from retfm.models import ModelSpec, create, save_checkpoint, spec as model_spec
 from retfm.models import preprocessing
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 
@@ -69,16 +69,9 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     rows = _rows(config)
     classes = sorted(rows[config.label].unique().tolist())
     task = resolve_task(config.task, config.label, classes)
-    spec = model_spec(config.model)
-    pre = preprocessing(spec)
-    if config.image_size:
-        pre = dataclasses.replace(pre, size=config.image_size)
-    model = create(config.model, weights=config.weights, num_classes=len(classes), img_size=pre.size,
-                   drop_path_rate=config.drop_path if config.adaptation == "full" else 0.0)
-    model = _adapt(model, config).to(device)
-    lr = config.blr * config.batch_size * config.accum_steps / 256
-    optimiser = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay,
-                                    layer_decay=config.layer_decay if config.adaptation == "full" else None)
+    spec, pre, model = build_classifier(config, len(classes))
+    model = model.to(device)
+    optimiser = build_optimiser(model, config)
 
     manifest_root = Manifest.read(config.data).root
     train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
@@ -87,8 +80,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     train_rows = label_fraction_subset(train_rows, config.label, config.label_fraction, config.seed)
     code = {c: i for i, c in enumerate(classes)}
     train_rows[CLASS_COLUMN] = train_rows[config.label].map(code).astype(int)
-    train_set = ManifestDataset(Manifest(train_rows, manifest_root), _SeedsTimmRandom(_train_transform(config, pre)),
-                                label=CLASS_COLUMN, seed=config.seed, group_columns=(), decode_size=pre.size)
+    train_set = training_set(train_rows, manifest_root, config, pre)
     steps_per_epoch = len(train_set) // (config.batch_size * config.accum_steps)
     if steps_per_epoch == 0:
         raise RetfmError(f"{config.data}: {len(train_set)} training images for {config.label!r} are fewer than one "
@@ -96,10 +88,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     schedule = CosineLRScheduler(optimiser, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
                                  warmup_t=config.warmup_epochs * steps_per_epoch, warmup_lr_init=0.0,
                                  t_in_epochs=False)
-    mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                   num_classes=len(classes)) if config.mixup or config.cutmix else None)
-    criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    criterion, mixup = loss_function(config, len(classes))
 
     state = {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0, "seconds": 0.0, "images_seen": 0}
     if resume:
@@ -120,30 +109,14 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     started = time.perf_counter() - state["seconds"]
     while state["epoch"] < config.epochs and state["since_best"] < config.patience:
         epoch = state["epoch"]
-        train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=_sampler(train_set, config, epoch),
-                            num_workers=config.workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(config.seed + epoch), persistent_workers=False)
+        batches = iter(epoch_batches(train_set, config, epoch))
         model.train()
-        running, batches = 0.0, 0
-        for index, batch in enumerate(loader):
-            if index // config.accum_steps >= steps_per_epoch:
-                break
-            images = batch["image"].to(device)
-            targets = batch["label"].to(device)
-            if mixup:
-                images, targets = mixup(images, targets)
-            with autocast:
-                loss = criterion(model(images), targets)
-            (loss / config.accum_steps).backward()
-            if (index + 1) % config.accum_steps == 0:
-                if config.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                optimiser.step()
-                optimiser.zero_grad(set_to_none=True)
-                schedule.step_update(epoch * steps_per_epoch + (index + 1) // config.accum_steps)
-            running, batches = running + float(loss.detach()), batches + 1
-            state["images_seen"] += len(images)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            loss, images = train_step(model, batches, optimiser, criterion, mixup, config, device)
+            schedule.step_update(epoch * steps_per_epoch + step + 1)
+            running += loss
+            state["images_seen"] += images
         val_probs = predict(model, val_rows, manifest_root, pre, config, device)
         score = _selection_score(val_rows, val_probs, config, classes, task)
         better = state["best"] is None or (score < state["best"] if config.select_metric in LOWER_IS_BETTER
@@ -155,7 +128,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
             state["since_best"] += 1
         state["epoch"] = epoch + 1
         state["seconds"] = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "train_loss": round(running / max(batches, 1), 6),
+        record = {"epoch": epoch + 1, "train_loss": round(running / steps_per_epoch, 6),
                   f"val_{config.select_metric}": score, "lr": optimiser.param_groups[0]["lr"],
                   "images_seen": state["images_seen"]}
         with open(out / "log.jsonl", "a") as log:
@@ -176,11 +149,9 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     result = write_results(out, test_rows, config.label, classes, predict(model, test_rows, manifest_root, pre,
                                                                           config, device),
                            task, threshold, meta, config.by, config.bootstrap, config.seed)
-    final = model.merge_and_unload() if config.adaptation == "lora" else model
-    save_checkpoint(final.cpu(), dataclasses.replace(spec, input_size=pre.size), out / "model.safetensors",
+    save_classifier(model, spec, pre, config, classes, task, threshold, out / "model.safetensors",
                     name=f"{spec.name}-{config.label}", description=f"{spec.name} fine-tuned on {config.label}",
-                    task=task, label=config.label, classes=[str(c) for c in classes], threshold=threshold,
-                    adaptation=config.adaptation, metrics={k: v for k, v in result["metrics"].items()},
+                    metrics={k: v for k, v in result["metrics"].items()},
                     best_epoch=state["best_epoch"], images_seen=state["images_seen"],
                     compute={"device": str(device), "device_hours": round(state["seconds"] / 3600, 5),
                              "precision": config.precision},
@@ -210,6 +181,20 @@ def _rows(config: FinetuneConfig) -> pd.DataFrame:
     if table[config.label].nunique() < 2:
         raise RetfmError(f"{config.data}: label {config.label!r} has fewer than two classes")
     return table.reset_index(drop=True)
+
+
+def training_set(rows: pd.DataFrame, root: Path, config: FinetuneConfig, pre) -> ManifestDataset:
+    """The training images of ``rows`` (their class index in ``CLASS_COLUMN``) with RETFound's augmentations."""
+    return ManifestDataset(Manifest(rows, root), _SeedsTimmRandom(_train_transform(config, pre)), label=CLASS_COLUMN,
+                           seed=config.seed, group_columns=(), decode_size=pre.size)
+
+
+def epoch_batches(train_set: ManifestDataset, config: FinetuneConfig, epoch: int) -> DataLoader:
+    """One pass over ``train_set`` in whole micro-batches, its order and augmentations drawn for ``epoch``."""
+    train_set.set_epoch(epoch)
+    return DataLoader(train_set, batch_size=config.batch_size, sampler=_sampler(train_set, config, epoch),
+                      num_workers=config.workers, drop_last=True,
+                      generator=torch.Generator().manual_seed(config.seed + epoch), persistent_workers=False)
 
 
 def _train_transform(config: FinetuneConfig, pre) -> Callable:
@@ -250,6 +235,72 @@ def _sampler(dataset: ManifestDataset, config: FinetuneConfig, epoch: int):
 
 # ---- model ------------------------------------------------------------------------------------------------------
 
+def build_classifier(config: FinetuneConfig, num_classes: int) -> tuple[ModelSpec, Preprocessing, torch.nn.Module]:
+    """The model with a ``num_classes`` head, adapted as ``config.adaptation`` says (its frozen parts, the
+    random head and LoRA adapters drawn from torch's global generator), and its preprocessing."""
+    spec = model_spec(config.model)
+    pre = preprocessing(spec)
+    if config.image_size:
+        pre = dataclasses.replace(pre, size=config.image_size)
+    model = create(config.model, weights=config.weights, num_classes=num_classes, img_size=pre.size,
+                   drop_path_rate=config.drop_path if config.adaptation == "full" else 0.0)
+    return spec, pre, _adapt(model, config)
+
+
+def build_optimiser(model: torch.nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW at lr = blr x images per step / 256 over the trainable weights. In full fine-tuning each block's
+    group carries layer-wise decay's ``lr_scale``, which timm's schedules multiply the learning rate by."""
+    lr = config.blr * config.batch_size * config.accum_steps / 256
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=config.weight_decay,
+                               layer_decay=config.layer_decay if config.adaptation == "full" else None)
+
+
+def loss_function(config: FinetuneConfig, num_classes: int) -> tuple[torch.nn.Module, Mixup | None]:
+    """Cross-entropy with label smoothing, or with mixup/cutmix (when asked for) soft-target cross-entropy and
+    the batch mixer."""
+    mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                   num_classes=num_classes) if config.mixup or config.cutmix else None)
+    criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return criterion, mixup
+
+
+def train_step(model: torch.nn.Module, batches: Iterator[dict], optimiser: torch.optim.Optimizer,
+               criterion: torch.nn.Module, mixup: Mixup | None, config: FinetuneConfig, device: torch.device,
+               penalty: Callable[[], torch.Tensor] | None = None) -> tuple[float, int]:
+    """One optimiser step: ``accum_steps`` micro-batches from ``batches``, backward, optional clipping, AdamW.
+    ``penalty()`` is added to every micro-batch's loss (a federated site's proximal term). Returns the step's
+    mean classification loss and its number of images; the learning-rate schedule is the caller's."""
+    total, images_seen = 0.0, 0
+    for _ in range(config.accum_steps):
+        batch = next(batches)
+        images, targets = batch["image"].to(device), batch["label"].to(device)
+        if mixup:
+            images, targets = mixup(images, targets)
+        with autocast(config, device):
+            loss = criterion(model(images), targets)
+        ((loss if penalty is None else loss + penalty()) / config.accum_steps).backward()
+        total, images_seen = total + float(loss.detach()), images_seen + len(images)
+    if config.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    return total / config.accum_steps, images_seen
+
+
+def autocast(config: FinetuneConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def save_classifier(model: torch.nn.Module, spec: ModelSpec, pre: Preprocessing, config: FinetuneConfig,
+                    classes: list, task: str, threshold: float | None, path: Path, **card) -> Path:
+    """The classifier (LoRA merged in) as a retfm checkpoint whose card names its task, label, classes,
+    decision threshold and adaptation: what ``create(path, num_classes=...)`` and ``retfm serve`` read."""
+    final = model.merge_and_unload() if config.adaptation == "lora" else model
+    return save_checkpoint(final.cpu(), dataclasses.replace(spec, input_size=pre.size), path, task=task,
+                           label=config.label, classes=[str(c) for c in classes], threshold=threshold,
+                           adaptation=config.adaptation, **card)
+
+
 def _adapt(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
     if config.adaptation == "full":
         return model
@@ -283,10 +334,9 @@ def predict(model: torch.nn.Module, rows: pd.DataFrame, root: Path, pre, config:
     dataset = ManifestDataset(Manifest(rows.reset_index(drop=True), root), eval_transform(pre), group_columns=(),
                               decode_size=pre.size)
     loader = DataLoader(dataset, batch_size=max(config.batch_size, 32), num_workers=config.workers)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     parts = []
     for batch in loader:
-        with autocast:
+        with autocast(config, device):
             parts.append(torch.softmax(model(batch["image"].to(device)).float(), dim=1).cpu())
     return torch.cat(parts).numpy().astype(np.float64)
 

@@ -9,15 +9,18 @@ import typer
 
 from retfm.cli.common import SetOption, stdout
 
-app = typer.Typer(help="Federated pretraining across sites with Flower: only weights and aggregate metrics travel.",
+app = typer.Typer(help="Federated pretraining and fine-tuning across sites with Flower: only weights and aggregate "
+                       "metrics travel.",
                   no_args_is_help=True)
 
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="YAML config: sites (or one manifest with a site column), pretrain "
-                                            "options, rounds, local_steps, strategy, evaluate_label"),
-    out: Path = typer.Option(..., "--out", help="run folder: checkpoint.pt, model.safetensors + card, report.json/md"),
+    config: Path = typer.Argument(..., help="YAML config: sites (or one manifest with a site column), task and its "
+                                            "pretrain or finetune options, rounds, local_steps, strategy, "
+                                            "evaluate_label"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoint.pt, model.safetensors + card (the backbone, or "
+                                                "the classifier), report.json/md"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out after its last finished round"),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
@@ -30,7 +33,8 @@ def run(
     last = report["rounds"][-1] if report["rounds"] else {}
     stdout.print(f"federated {report['objective']}: {report['rounds_done']} round(s) over {len(report['sites'])} "
                  f"sites ({report['strategy']}); last round aggregated {last.get('aggregated_sites', 0)} site(s), "
-                 f"rejected {len(last.get('rejected', []))}; backbone: {out / MODEL_FILENAME}; "
+                 f"rejected {len(last.get('rejected', []))}; "
+                 f"{'classifier' if report['task'] == 'finetune' else 'backbone'}: {out / MODEL_FILENAME}; "
                  f"report: {out / 'report.md'}"
                  + (f"; DP (epsilon, delta) = ({report['dp']['epsilon']:.3g}, {report['dp']['delta']:g})"
                     if report["dp"] else ""), highlight=False)

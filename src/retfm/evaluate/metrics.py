@@ -67,7 +67,7 @@ def outcomes(table: pd.DataFrame, label: str, classes: list, task: str, threshol
     if not kept.any():
         raise RetfmError(f"label column {label!r} has no values")
     index = {c: k for k, c in enumerate(classes)}
-    y = _codes(labels[kept], index, f"label column {label!r}")
+    y = class_codes(labels[kept], index, f"label column {label!r}")
     probs = table.loc[kept, prob_columns].to_numpy(dtype=float, na_value=np.nan)
     sums = probs.sum(axis=1)
     bad = ~np.isfinite(sums) | (probs < 0).any(axis=1) | (np.abs(sums - 1) > PROBABILITY_TOLERANCE)
@@ -86,7 +86,7 @@ def outcomes(table: pd.DataFrame, label: str, classes: list, task: str, threshol
     else:
         if "prediction" not in table:
             raise RetfmError("no `prediction` column (needed for multi-class and ordinal tasks)")
-        pred = _codes(as_strings(table.loc[kept, "prediction"]), index, "column 'prediction'")
+        pred = class_codes(as_strings(table.loc[kept, "prediction"]), index, "column 'prediction'")
     ordered = task != "multiclass" or _ascending_integers(classes)
     return Outcomes(y, pred, probs, classes, task == "binary", ordered, kept, notes)
 
@@ -101,7 +101,9 @@ def as_strings(values: pd.Series) -> pd.Series:
     return values.astype("string")
 
 
-def _codes(values: pd.Series, index: dict[str, int], what: str) -> np.ndarray:
+def class_codes(values: pd.Series, index: dict[str, int], what: str) -> np.ndarray:
+    """Class indices of ``values`` (strings, see :func:`as_strings`); a null or a value not in ``index`` is an
+    error naming ``what``."""
     if values.isna().any():
         raise RetfmError(f"{what} has null values")
     unknown = sorted(set(values) - set(index))

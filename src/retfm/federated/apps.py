@@ -1,9 +1,12 @@
 """Flower apps of a retfm federation, on Flower's Message API.
 
-The ClientApp is a site: ``train`` runs :func:`retfm.federated.task.local_pretrain` from the global weights it
-receives and replies with its new weights and a MetricRecord (``num-examples``, ``loss``, ``steps``);
-``evaluate`` runs :func:`~retfm.federated.task.local_evaluate` and replies with aggregate metrics only. Each
-reply also carries a ConfigRecord ``site`` naming the site, so the coordinator can report per site.
+The ClientApp is a site: ``train`` runs the task's local work (:func:`retfm.federated.task.local_pretrain` or
+:func:`~retfm.federated.task.local_finetune`) from the global weights it receives and replies with its new weights
+and a MetricRecord (``num-examples``, ``loss``, ``steps``); ``evaluate`` runs
+:func:`~retfm.federated.task.local_evaluate` (a probe of the global backbone) or
+:func:`~retfm.federated.task.local_test` (the global classifier on the site's test split) and replies with
+aggregate metrics only. Each reply also carries a ConfigRecord ``site`` naming the site, so the coordinator can
+report per site.
 
 The ServerApp is the coordinator. Its loop is Flower's (a strategy configures and aggregates each round) with
 what a multi-site medical run needs around it: every reply is screened before aggregation (a site that failed,
@@ -30,13 +33,17 @@ from flwr.serverapp import strategy as flower
 from retfm.config import FederatedConfig
 from retfm.errors import RetfmError
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
-from retfm.federated.task import Site, initial_weights, local_evaluate, local_pretrain, site_profile
+from retfm.federated.task import (Site, contributed, local_evaluate, local_finetune, local_pretrain, local_test,
+                                  start_weights)
 from retfm.runs import save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
               "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
               "multikrum": flower.MultiKrum, "bulyan": flower.Bulyan}
+
+LOCAL_TRAIN = {"pretrain": local_pretrain, "finetune": local_finetune}  # a site's work per task
+LOCAL_EVALUATE = {"pretrain": local_evaluate, "finetune": local_test}
 
 SERVER_OPTIMISER_STATE = ("m_t", "v_t")  # flwr's FedOpt strategies keep their moments in these attributes
 Recorder = Callable[[str, Message], None]  # (direction "sent" | "received", message)
@@ -58,10 +65,9 @@ def build_strategy(config: FederatedConfig, sites: int) -> flower.Strategy:
 
 # ---- the site -----------------------------------------------------------------------------------------------------
 
-def client_app(sites: list[Site], config: FederatedConfig, train_fn=local_pretrain, evaluate_fn=local_evaluate
-               ) -> ClientApp:
+def client_app(sites: list[Site], config: FederatedConfig, train_fn=None, evaluate_fn=None) -> ClientApp:
     """The simulation's ClientApp serving ``sites``: a node's site is its ``partition-id`` (set by the simulation
-    engine). ``train_fn`` / ``evaluate_fn`` are the site's work."""
+    engine). ``train_fn`` / ``evaluate_fn`` replace the task's own work (see :func:`site_app`)."""
     def simulated_site(context: Context) -> tuple[Site, FederatedConfig]:
         # a simulated site computes on the cores reserved for it, not on every core of the machine
         torch.set_num_threads(max(1, int(config.cpus_per_site)))
@@ -70,20 +76,23 @@ def client_app(sites: list[Site], config: FederatedConfig, train_fn=local_pretra
     return site_app(simulated_site, train_fn, evaluate_fn)
 
 
-def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_evaluate) -> ClientApp:
+def site_app(resolve: SiteResolver, train_fn=None, evaluate_fn=None) -> ClientApp:
     """The ClientApp of a site; ``resolve(context)`` gives the node's site and the federation's config (the
-    simulation's by partition-id, the deployment engine's from node and run config: :mod:`retfm.federated.deploy`)."""
+    simulation's by partition-id, the deployment engine's from node and run config: :mod:`retfm.federated.deploy`).
+    ``train_fn`` / ``evaluate_fn``: the site's work, by default the config's task's (:data:`LOCAL_TRAIN`,
+    :data:`LOCAL_EVALUATE`); each is called with the task's options (``config.local_config()`` and
+    ``config.local_options()``)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site, config = resolve(context)
-        labels = [config.evaluate_label] if config.evaluate_label else []
         settings = msg.content["config"]
         weights = msg.content["arrays"].to_torch_state_dict()
-        new, metrics = train_fn(weights, site, int(settings["local-steps"]), config.pretrain_config(),
-                                int(settings["server-round"]), float(settings.get("proximal-mu", 0.0)),
-                                lora=config.lora_options())
+        work = train_fn or LOCAL_TRAIN[config.task]
+        new, metrics = work(weights, site, int(settings["local-steps"]), config.local_config(),
+                            int(settings["server-round"]), float(settings.get("proximal-mu", 0.0)),
+                            **config.local_options())
         if CLIP_NORM_KEY in settings:  # differential privacy: the site clips, the coordinator adds the noise
             new = clip_update(new, weights, float(settings[CLIP_NORM_KEY]),
                               torch.float16 if config.transfer == "fp16" else torch.float32)
@@ -91,15 +100,16 @@ def site_app(resolve: SiteResolver, train_fn=local_pretrain, evaluate_fn=local_e
             new = {k: v.half() if v.is_floating_point() else v for k, v in new.items()}
         return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(metrics),
                                    "site": ConfigRecord({"name": site.name}),
-                                   "profile": ConfigRecord(site_profile(site, config.pretrain_config(), labels))}),
+                                   "profile": ConfigRecord(contributed(site, config))}),
                        reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site, config = resolve(context)
         weights = msg.content["arrays"].to_torch_state_dict()
-        metrics = evaluate_fn(weights, site, str(msg.content["config"]["label"]), config.pretrain_config(),
-                              lora=config.lora_options())
+        work = evaluate_fn or LOCAL_EVALUATE[config.task]
+        metrics = work(weights, site, str(msg.content["config"]["label"]), config.local_config(),
+                       **config.local_options())
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}),
                        reply_to=msg)
 
@@ -131,8 +141,7 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         restore_strategy(strategy, saved.get("strategy", {}))
     else:
-        saved = {"round": 0, "weights": initial_weights(config.pretrain_config(), config.lora_options())[1],
-                 "history": []}
+        saved = {"round": 0, "weights": start_weights(config), "history": []}
     if config.dp:
         _restore_accountant(strategy, saved)
     arrays = ArrayRecord(saved["weights"])

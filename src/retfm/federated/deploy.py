@@ -75,8 +75,8 @@ def write_app(folder: Path, config: FederatedConfig, sites: int, out: Path) -> P
     federation = config.model_dump(mode="json", exclude={"data", "sites", "cpus_per_site"})
     project = {
         "project": {"name": "retfm-federation", "version": "1.0.0", "license": "Apache-2.0",
-                    "description": "retfm federated pretraining (retfm must be installed at the coordinator and "
-                                   "every site)", "dependencies": []},
+                    "description": "a retfm federation (retfm must be installed at the coordinator and every "
+                                   "site)", "dependencies": []},
         "tool": {"flwr": {"app": {
             "publisher": "retfm", "components": COMPONENTS,
             "config": {"federation": yaml.safe_dump(federation, sort_keys=False), "sites": sites,

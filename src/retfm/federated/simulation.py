@@ -3,8 +3,8 @@
 Each site is a virtual SuperNode running the retfm ClientApp in its own Ray worker (``cpus_per_site`` cores
 each); the coordinator's ServerApp runs in this process. Outputs in ``OUT``: ``checkpoint.pt`` (global weights
 and history, after every round: ``--resume`` continues from it), ``model.safetensors`` + ``model.json`` (the
-global backbone as a retfm checkpoint), ``report.json`` and ``report.md`` (metrics per site and round, rejected
-replies, bytes moved) and ``federated_config.yaml``.
+global backbone, or with task finetune the global classifier, as a retfm checkpoint), ``report.json`` and
+``report.md`` (metrics per site and round, rejected replies, bytes moved) and ``federated_config.yaml``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from retfm.config import FederatedConfig, save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
-from retfm.federated.task import Site, load_shared, plain_backbone, seeded_model
-from retfm.models import save_checkpoint
+from retfm.adapt.finetune import save_classifier
+from retfm.adapt.predictions import resolve_task
+from retfm.federated.task import Site, load_shared, plain_backbone, seeded_classifier, seeded_model
+from retfm.models import save_checkpoint, spec as model_spec
 
 MODEL_FILENAME = "model.safetensors"
 
@@ -76,25 +78,38 @@ def open_run(config: FederatedConfig, out: Path, resume: bool) -> Path:
 
 
 def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
-    """Write the global backbone (LoRA adapters merged in) as a retfm checkpoint and the report (per site of
-    ``sites``, by name) from the coordinator's checkpoint."""
+    """Write the global model as a retfm checkpoint (task pretrain: the backbone, LoRA adapters merged in; task
+    finetune: the classifier, as ``retfm finetune`` writes it) and the report (per site of ``sites``, by name) from
+    the coordinator's checkpoint."""
     saved = torch.load(out / CHECKPOINT_FILENAME, map_location="cpu", weights_only=True)
-    pretrain = config.pretrain_config()
-    spec, objective = seeded_model(pretrain, config.lora_options())
-    load_shared(objective, saved["weights"], Site("coordinator", ""))
+    local = config.local_config()
+    objective = (f"finetune {local.label} ({local.adaptation})" if config.task == "finetune"
+                 else local.objective)
     privacy = [entry["privacy"] for entry in saved["history"] if "privacy" in entry]
-    report = {"rounds_done": saved["round"], "rounds": saved["history"], "sites": list(sites),
-              "strategy": config.strategy, "objective": pretrain.objective, "model": spec.name,
+    report = {"rounds_done": saved["round"], "rounds": saved["history"], "sites": list(sites), "task": config.task,
+              "strategy": config.strategy, "objective": objective, "model": model_spec(local.model).name,
               "transfer": config.transfer, "transfer_params": config.transfer_params,
               "lora": config.lora.model_dump() if config.lora_options() else None,
               "dp": {**config.dp.model_dump(), **privacy[-1]} if config.dp and privacy else None,
               "representativeness": representativeness(saved["history"]), "retfm_version": __version__}
-    save_checkpoint(plain_backbone(objective), spec, out / MODEL_FILENAME,
-                    name=f"{spec.name}-federated-{pretrain.objective}",
-                    description=f"{spec.name} pretrained by a {len(sites)}-site retfm federation "
-                                f"({config.strategy}, {pretrain.objective})",
-                    objective=pretrain.objective, federated={k: v for k, v in report.items() if k != "rounds"},
-                    steps=saved["round"] * config.local_steps, retfm_version=__version__)
+    card = {"federated": {k: v for k, v in report.items() if k != "rounds"},
+            "steps": saved["round"] * config.local_steps, "retfm_version": __version__}
+    description = f"by a {len(sites)}-site retfm federation ({config.strategy}, {objective})"
+    coordinator = Site("coordinator", "")
+    if config.task == "finetune":
+        classes = config.classes()
+        spec, pre, model = seeded_classifier(local, classes)
+        load_shared(model, saved["weights"], coordinator)
+        # no central validation split to choose a decision threshold on: a binary task decides at 0.5
+        save_classifier(model, spec, pre, local, classes, resolve_task(local.task, local.label, classes), None,
+                        out / MODEL_FILENAME, name=f"{spec.name}-{local.label}-federated",
+                        description=f"{spec.name} fine-tuned on {local.label} {description}", **card)
+    else:
+        spec, model = seeded_model(local, config.lora_options())
+        load_shared(model, saved["weights"], coordinator)
+        save_checkpoint(plain_backbone(model), spec, out / MODEL_FILENAME,
+                        name=f"{spec.name}-federated-{local.objective}",
+                        description=f"{spec.name} pretrained {description}", objective=local.objective, **card)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown_report(report))
     return report

@@ -1,36 +1,44 @@
 """A site's local work in a federation, as plain functions of (global weights, the site's data, options).
 
-``local_pretrain`` runs N optimiser steps of retfm's own pretraining objective (the trainer's model, data and
-optimiser code) from the global weights and returns the new weights; ``local_evaluate`` embeds the site's images
-with the global backbone, fits a logistic-regression probe on the site's train split and returns aggregate
-metrics of its test split. Neither returns anything per image: only weights, counts and metrics leave a site.
+Task pretrain: ``local_pretrain`` runs N optimiser steps of retfm's own pretraining objective (the trainer's model,
+data and optimiser code) from the global weights and returns the new weights; ``local_evaluate`` embeds the site's
+images with the global backbone, fits a logistic-regression probe on the site's train split and returns aggregate
+metrics of its test split. Task finetune: ``local_finetune`` runs N optimiser steps of ``retfm finetune``'s recipe
+(its model, adaptation, optimiser, augmentations and loss) on the site's labelled train split; ``local_test``
+scores the global classifier on the site's test split. None returns anything per image: only weights, counts and
+metrics leave a site.
 
-What trains travels, nothing else: the weights that cross the wire are the objective's trainable parameters
-(backbone, MAE decoder, token-reconstruction projector and mask token). Everything else is rebuilt identically at
-every site from the run's seed and ``init``: a token-reconstruction teacher (the student's initial weights), MAE's
-fixed position table, and, with LoRA (``lora``), the frozen base backbone; then only the adapters and the
-objective's head train and travel.
+What trains travels, nothing else: the weights that cross the wire are the trainable parameters (backbone, MAE
+decoder, token-reconstruction projector and mask token; a classifier's weights as its adaptation trains them: all,
+the head only, or LoRA adapters and head). Everything else is rebuilt identically at every site from the run's seed
+and ``init`` / ``weights``: a token-reconstruction teacher (the student's initial weights), MAE's fixed position
+table, and, with LoRA (``lora``) or linear adaptation, the frozen base backbone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from retfm.adapt.finetune import add_lora
+from retfm.adapt import finetune as recipe
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.config import FederatedLora, PretrainConfig
+from retfm.config import FederatedConfig, FederatedLora, FinetuneConfig, PretrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
+from retfm.data.splits import label_fraction_subset
 from retfm.data.stats import age_band
 from retfm.errors import RetfmError
-from retfm.evaluate.metrics import outcomes, point_metrics
+from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
 from retfm.models import ModelSpec
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import MixedData, build_model, build_optimiser, mixed_precision, optimiser_step
@@ -52,14 +60,25 @@ class Site:
     rows: str | None = None
 
 
-def site_profile(site: Site, config: PretrainConfig, labels: list[str]) -> dict[str, int]:
-    """What a site contributes, as counts a report may show: ``images`` (its rows of ``config.split``), and per
-    value of sex, country, age band and each of ``labels`` the number of those images, as ``"column=value"``.
-    Values held by fewer than :data:`MIN_CELL` images are pooled into ``"column=(fewer than 5 each)"`` (the
-    small-cell rule of health statistics), so no rare group is singled out."""
+def contributed(site: Site, config: FederatedConfig) -> dict[str, int]:
+    """:func:`site_profile` of the images the site trains on: its pretraining split (with ``evaluate_label``'s
+    counts), or its labelled train split with the fine-tuned label's."""
+    if config.task == "finetune":
+        label = config.finetune_config().label
+        return site_profile(site, "train", [label], labelled=label)
+    return site_profile(site, config.pretrain_config().split, [config.evaluate_label] if config.evaluate_label else [])
+
+
+def site_profile(site: Site, split: str | None, labels: list[str], labelled: str | None = None) -> dict[str, int]:
+    """What a site contributes, as counts a report may show: ``images`` (its rows of ``split``, only those with a
+    ``labelled`` value when given), and per value of sex, country, age band and each of ``labels`` the number of
+    those images, as ``"column=value"``. Values held by fewer than :data:`MIN_CELL` images are pooled into
+    ``"column=(fewer than 5 each)"`` (the small-cell rule of health statistics), so no rare group is singled out."""
     table = Manifest.read(site.data).table
-    if config.split:
-        table = table[table["split"] == config.split]
+    if split:
+        table = table[table["split"] == split]
+    if labelled is not None:
+        table = table[table[labelled].notna()]
     if site.rows is not None:
         table = table[table["site"].astype(str) == site.rows]
     table = table.assign(age_band=age_band(table["age"])) if "age" in table else table
@@ -78,6 +97,13 @@ def site_config(config: PretrainConfig, site: Site) -> PretrainConfig:
     """The pretraining options of one site: the run's options on the site's own rows."""
     return config.model_copy(update={"data": [site.data], "data_weights": None,
                                      "sites": None if site.rows is None else [site.rows]})
+
+
+def start_weights(config: FederatedConfig) -> Weights:
+    """The weights round 1 sends: the task's trainable tensors as every site builds them from the seed."""
+    if config.task == "finetune":
+        return shared_state(seeded_classifier(config.finetune_config(), config.classes())[2])
+    return initial_weights(config.pretrain_config(), config.lora_options())[1]
 
 
 def initial_weights(config: PretrainConfig, lora: FederatedLora | None = None) -> tuple[ModelSpec, Weights]:
@@ -119,6 +145,87 @@ def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainCon
                                      "steps": steps}
 
 
+def local_finetune(weights: Weights, site: Site, steps: int, config: FinetuneConfig, server_round: int = 1,
+                   proximal_mu: float = 0.0, *, classes: list[str]) -> tuple[Weights, dict[str, float]]:
+    """``steps`` optimiser steps of ``retfm finetune``'s recipe on the site's labelled train split (its
+    ``label_fraction``), from ``weights``: the classifier of ``classes`` (the federation's, whatever the site
+    holds) adapted as ``config.adaptation`` says, RETFound's augmentations and loss, a fresh AdamW each round at a
+    constant learning rate (``blr * images per step / 256``, times layer-wise decay's scale in full fine-tuning).
+    ``proximal_mu`` > 0 adds FedProx's proximal term. Returns the new trainable weights and ``{"num-examples":
+    training images at the site, "loss": mean classification loss of the round's steps, "steps": steps}``."""
+    device = torch.device(config.device)
+    _, pre, model = seeded_classifier(config, classes)
+    load_shared(model, weights, site)
+    model = model.to(device).train()
+    torch.manual_seed(_seed(config.seed, site.name, server_round))
+    rows, root = labelled_rows(site, config.label)
+    rows = label_fraction_subset(rows[rows["split"] == "train"].reset_index(drop=True), config.label,
+                                 config.label_fraction, config.seed)
+    codes = _class_index(rows, config.label, classes, site)
+    train_set = recipe.training_set(rows.assign(**{recipe.CLASS_COLUMN: codes}), root, config, pre)
+    per_pass = len(train_set) // (config.batch_size * config.accum_steps)
+    if per_pass == 0:
+        raise RetfmError(f"site {site.name}: {len(train_set)} training images for {config.label!r} are fewer than "
+                         f"one batch of {config.batch_size * config.accum_steps}")
+    passes = math.ceil(steps / per_pass)  # each round its own passes over the site's images: new orders and crops
+    batches = itertools.chain.from_iterable(recipe.epoch_batches(train_set, config, epoch)
+                                            for epoch in range((server_round - 1) * passes, server_round * passes))
+    optimiser = recipe.build_optimiser(model, config)
+    for group in optimiser.param_groups:  # no schedule here: apply layer-wise decay's scale as timm's schedules do
+        group["lr"] *= group.get("lr_scale", 1.0)
+    criterion, mixup = recipe.loss_function(config, len(classes))
+    penalty = _proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    losses = [recipe.train_step(model, batches, optimiser, criterion, mixup, config, device, penalty)[0]
+              for _ in range(steps)]
+    return shared_state(model), {"num-examples": len(train_set), "loss": float(np.mean(losses)), "steps": steps}
+
+
+def local_test(weights: Weights, site: Site, label: str, config: FinetuneConfig, *,
+               classes: list[str]) -> dict[str, float]:
+    """Score the global classifier on the site's labelled test split, as the classifier stands (no site's own
+    fitting or threshold: a binary task is decided at probability 0.5). Returns ``num-examples`` (test images)
+    and the metrics of :data:`EVALUATION_METRICS` defined on the site's rows."""
+    device = torch.device(config.device)
+    _, pre, model = seeded_classifier(config, classes)
+    load_shared(model, weights, site)
+    rows, root = labelled_rows(site, label)
+    test = rows[rows["split"] == "test"].reset_index(drop=True)
+    if test.empty:
+        raise RetfmError(f"{site.data}: site {site.name} has no labelled test rows of {label!r}")
+    _class_index(test, label, classes, site)  # a value outside the classes is an error, not a silent miss
+    test[label] = as_strings(test[label])
+    probabilities = recipe.predict(model.to(device), test, root, pre, config, device)
+    task = resolve_task(config.task, label, classes)
+    values, _ = point_metrics(outcomes(predictions_table(test, label, classes, probabilities, None), label, classes,
+                                       task))
+    return {"num-examples": len(test), **{name: values[name] for name in EVALUATION_METRICS
+                                           if values[name] is not None}}
+
+
+def labelled_rows(site: Site, label: str) -> tuple[pd.DataFrame, Path]:
+    """The site's rows with a value of ``label`` (all splits), and the manifest's root."""
+    manifest = Manifest.read(site.data)
+    table = manifest.table
+    if site.rows is not None:
+        table = table[table["site"].astype(str) == site.rows]
+    if label not in table:
+        raise RetfmError(f"{site.data}: no label column {label!r} for site {site.name}")
+    return table[table[label].notna()].reset_index(drop=True), manifest.root
+
+
+def _class_index(rows: pd.DataFrame, label: str, classes: list[str], site: Site) -> np.ndarray:
+    return class_codes(as_strings(rows[label]), {c: i for i, c in enumerate(classes)},
+                       f"site {site.name}: label column {label!r}")
+
+
+def seeded_classifier(config: FinetuneConfig, classes: list[str]) -> tuple[ModelSpec, Preprocessing, torch.nn.Module]:
+    """The classifier as ``retfm finetune`` builds it, drawn from the seed: the same frozen weights, random head
+    and LoRA adapters at every site and at the coordinator."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        return recipe.build_classifier(config, len(classes))
+
+
 def _proximal_term(objective: torch.nn.Module, mu: float) -> Callable[[], torch.Tensor]:
     """FedProx: mu/2 x the squared distance of the trainable weights from where the round started."""
     anchor = {name: p.detach().clone() for name, p in objective.named_parameters() if p.requires_grad}
@@ -138,19 +245,13 @@ def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainCon
     config = site_config(config, site)
     spec, objective = seeded_model(config, lora)
     load_shared(objective, weights, site)
-    manifest = Manifest.read(site.data)
-    table = manifest.table
-    if site.rows is not None:
-        table = table[table["site"].astype(str) == site.rows]
-    if label not in table:
-        raise RetfmError(f"{site.data}: no label column {label!r} for site {site.name}")
-    table = table[table[label].notna()].reset_index(drop=True)
+    table, root = labelled_rows(site, label)
     classes = sorted(table[label].unique().tolist()) if classes is None else list(classes)
     split = table["split"].astype(str).to_numpy()
     train, val, test = split == "train", split == "val", split == "test"
     if not train.any() or not test.any():
         raise RetfmError(f"{site.data}: site {site.name} needs labelled train and test rows of {label!r}")
-    vectors = embed_rows(objective.backbone, Manifest(table, manifest.root), spec, batch_size)
+    vectors = embed_rows(objective.backbone, Manifest(table, root), spec, batch_size)
     y = table[label].map({c: i for i, c in enumerate(classes)}).to_numpy()
     if not val.any() or len(np.unique(y[val])) < 2:
         train, val = hold_out(table, train, y, config.seed)
@@ -176,9 +277,13 @@ def embed_rows(backbone: torch.nn.Module, manifest: Manifest, spec: ModelSpec, b
 
 
 def load_shared(objective: torch.nn.Module, weights: Weights, site: Site) -> None:
-    """Load the travelling weights into a freshly built objective; a trainable one missing, or any extra, is an
-    error."""
-    missing, unexpected = objective.load_state_dict(weights, strict=False)
+    """Load the travelling weights into a freshly built objective; a trainable one missing, any extra, or one of
+    another shape (say, a head for other classes) is an error."""
+    try:
+        missing, unexpected = objective.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise RetfmError(f"site {site.name}: the global weights do not fit the configured model "
+                         f"({str(exc).splitlines()[-1].strip()})") from None
     trainable = {name for name, p in objective.named_parameters() if p.requires_grad}
     missing = [name for name in missing if name in trainable]
     if missing or unexpected:
@@ -194,7 +299,7 @@ def seeded_model(config: PretrainConfig, lora: FederatedLora | None = None) -> t
         torch.manual_seed(config.seed)
         spec, objective = build_model(config)
         if lora is not None:
-            objective.backbone = add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
+            objective.backbone = recipe.add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
         return spec, objective
 
 
