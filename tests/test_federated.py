@@ -192,9 +192,10 @@ def test_a_simulated_run_moves_only_weights_and_metrics_and_survives_a_crashed_s
     assert_only_weights_and_aggregates(messages, cohort, initial)
 
 
-def assert_only_weights_and_aggregates(messages, cohort, weights: dict) -> None:
-    """Every message of a run: arrays of the travelling weights' own names and shapes, scalar metrics, group counts,
-    the label's and sites' names; no identifier anywhere. A site's failure may come back instead of a reply."""
+def assert_only_weights_and_aggregates(messages, cohort, weights: dict, labels=("glaucoma",)) -> None:
+    """Every message of a run: arrays of the travelling weights' own names and shapes, scalar metrics, group counts
+    (of the profile's groups and ``labels``), the labels' and sites' names; no identifier anywhere. A site's failure
+    may come back instead of a reply."""
     manifest = pd.read_parquet(cohort / "manifest.parquet")
     identifiers = set(manifest["image_id"]) | set(manifest["patient_id"]) | set(manifest["path"])
     shapes = {k: tuple(v.shape) for k, v in weights.items()}
@@ -206,7 +207,7 @@ def assert_only_weights_and_aggregates(messages, cohort, weights: dict) -> None:
         assert set(content.keys()) <= {"arrays", "config", "metrics", "site", "profile"}
         if "profile" in content:  # group counts of the site's images: "column=value" keys, nothing per image
             assert {key.partition("=")[0] for key in content["profile"]} <= {"images", "sex", "country", "age_band",
-                                                                               "glaucoma"}
+                                                                               *labels}
             assert not {key.partition("=")[2] for key in content["profile"]} & identifiers
         for record in content.array_records.values():
             assert {k: tuple(a.shape) for k, a in record.items()} == shapes
@@ -214,5 +215,5 @@ def assert_only_weights_and_aggregates(messages, cohort, weights: dict) -> None:
             assert set(record) <= METRIC_KEYS and all(isinstance(v, (int, float)) for v in record.values())
         for record in content.config_records.values():  # round settings, the label's name, the site's name
             for value in record.values():
-                assert isinstance(value, (int, float)) or value in {"glaucoma", "site1", "site2", "site3"}
+                assert isinstance(value, (int, float)) or value in {*labels, "site1", "site2", "site3"}
                 assert str(value) not in identifiers

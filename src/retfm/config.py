@@ -423,8 +423,9 @@ class FederatedConfig(BaseModel):
 
     data: str | None = Field(None, description="one ingest folder or manifest: one site per value of its site column")
     sites: list[FederatedSite] | None = Field(None, description="or the sites one by one (several manifests)")
-    task: Literal["pretrain", "finetune"] = Field("pretrain", description="what the sites train: pretrain (the "
-                                                  "pretrain: objective) or finetune (a classifier of finetune.label)")
+    task: Literal["pretrain", "finetune", "synth"] = Field("pretrain", description="what the sites train: pretrain "
+                                                           "(the pretrain: objective), finetune (a classifier of "
+                                                           "finetune.label) or synth (a conditional generator)")
     pretrain: dict | None = Field(None, description="task pretrain: retfm pretrain options of every site's local "
                                                     "work (objective, model, batch_size, blr, ...); data comes from "
                                                     "the sites")
@@ -432,6 +433,9 @@ class FederatedConfig(BaseModel):
                                                     "work (model, weights, label, adaptation, blr, ...) and classes, "
                                                     "the label's values in the classifier's order; data comes from "
                                                     "the sites")
+    synth: dict | None = Field(None, description="task synth: retfm synth train options of every site's local work "
+                                                 "(label, cond, size, block_out_channels, lr, ...) and classes, the "
+                                                 "condition values; data comes from the sites")
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(10, ge=1, description="optimiser steps per site and round")
     strategy: Literal[FEDERATED_STRATEGIES] = "fedavg"
@@ -476,13 +480,32 @@ class FederatedConfig(BaseModel):
         FinetuneConfig.model_validate({**_without_classes(value), "data": "site"})
         return value
 
+    @field_validator("synth")
+    @classmethod
+    def _check_synth(cls, value):
+        if value is None:
+            return value
+        given = sorted(set(value) & {"data", "sites"})
+        if given:
+            raise ValueError(f"synth.{', synth.'.join(given)}: the data come from the federation's sites; "
+                             "leave them out")
+        options = SynthTrainConfig.model_validate({**_without_classes(value), "data": "site"})
+        _synth_conditions(options, value.get("classes"))
+        return value
+
     @model_validator(mode="after")
     def _check_task(self):
-        if self.task == "pretrain" and (self.pretrain is None or self.finetune is not None):
-            raise ValueError("task pretrain: give pretrain options, not finetune")
+        given = {"pretrain": self.pretrain, "finetune": self.finetune, "synth": self.synth}
+        if given[self.task] is None or any(v is not None for task, v in given.items() if task != self.task):
+            others = " or ".join(task for task in given if task != self.task)
+            raise ValueError(f"task {self.task}: give {self.task} options, not {others}")
+        if self.task == "synth":
+            if self.transfer_params == "lora":
+                raise ValueError("task synth: every UNet weight travels; transfer_params lora is for task pretrain")
+            if self.evaluate_label not in (None, self.synth["label"]):
+                raise ValueError(f"task synth: the generator is conditioned on {self.synth['label']!r}; "
+                                 "evaluate_label is that (each site's test denoising loss) or null")
         if self.task == "finetune":
-            if self.finetune is None or self.pretrain is not None:
-                raise ValueError("task finetune: give finetune options, not pretrain")
             if self.transfer_params == "lora":
                 raise ValueError("task finetune: what travels is what finetune.adaptation trains; for LoRA-only "
                                  "transfer set finetune.adaptation: lora (and finetune.lora_rank, ...)")
@@ -507,16 +530,28 @@ class FederatedConfig(BaseModel):
         """The sites' fine-tuning options (each site reads its own data)."""
         return FinetuneConfig.model_validate({**_without_classes(self.finetune), "data": "site"})
 
+    def synth_config(self) -> SynthTrainConfig:
+        """The sites' generator options (each site reads its own data)."""
+        return SynthTrainConfig.model_validate({**_without_classes(self.synth), "data": "site"})
+
+    def synth_conditions(self) -> dict[str, list]:
+        """Task synth: the generator's condition values, {column: values} in the class embedding's order."""
+        return _synth_conditions(self.synth_config(), self.synth["classes"])
+
     def classes(self) -> list[str]:
         """Task finetune: the label's classes, as strings, in the classifier's order."""
         return [str(c) for c in self.finetune["classes"]]
 
-    def local_config(self) -> PretrainConfig | FinetuneConfig:
+    def local_config(self) -> PretrainConfig | FinetuneConfig | SynthTrainConfig:
         """The options of a site's local work for the task."""
-        return self.finetune_config() if self.task == "finetune" else self.pretrain_config()
+        return {"pretrain": self.pretrain_config, "finetune": self.finetune_config,
+                "synth": self.synth_config}[self.task]()
 
     def local_options(self) -> dict:
-        """Keyword options of a site's local work: ``classes`` (finetune) or ``lora`` (pretrain)."""
+        """Keyword options of a site's local work: ``classes`` (finetune), ``conditions`` (synth) or ``lora``
+        (pretrain)."""
+        if self.task == "synth":
+            return {"conditions": self.synth_conditions()}
         return {"classes": self.classes()} if self.task == "finetune" else {"lora": self.lora_options()}
 
     def lora_options(self) -> FederatedLora | None:
@@ -524,8 +559,24 @@ class FederatedConfig(BaseModel):
         return self.lora if self.transfer_params == "lora" else None
 
 
-def _without_classes(finetune: dict) -> dict:
-    return {key: value for key, value in finetune.items() if key != "classes"}
+def _without_classes(options: dict) -> dict:
+    return {key: value for key, value in options.items() if key != "classes"}
+
+
+def _synth_conditions(options: SynthTrainConfig, classes) -> dict[str, list]:
+    """``synth.classes`` as {column: values}: a mapping of the label and each ``cond`` column to its values, or a
+    list of the label's values when there is no ``cond``; each column's values distinct, at least one."""
+    columns = [options.label, *options.cond]
+    if isinstance(classes, list) and not options.cond:
+        classes = {options.label: classes}
+    if not isinstance(classes, dict) or list(classes) != columns:
+        raise ValueError(f"synth.classes: the values of {', '.join(columns)} as a mapping in that order, e.g. "
+                         f"{{{options.label}: [0, 1]}} (a list of {options.label}'s values when cond is empty): every "
+                         "site and the coordinator build the same class embedding from them")
+    for column, values in classes.items():
+        if not isinstance(values, list) or not values or len(set(map(repr, values))) != len(values):
+            raise ValueError(f"synth.classes.{column}: a list of distinct values, at least one")
+    return classes
 
 
 def parse_set(assignment: str) -> tuple[list[str], object]:

@@ -17,10 +17,10 @@ app = typer.Typer(help="Federated pretraining and fine-tuning across sites with 
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML config: sites (or one manifest with a site column), task and its "
-                                            "pretrain or finetune options, rounds, local_steps, strategy, "
+                                            "pretrain, finetune or synth options, rounds, local_steps, strategy, "
                                             "evaluate_label"),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint.pt, model.safetensors + card (the backbone, or "
-                                                "the classifier), report.json/md"),
+                                                "the classifier; task synth: a generator folder), report.json/md"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out after its last finished round"),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
@@ -31,11 +31,11 @@ def run(
     cfg = load_config(FederatedConfig, config, None, sets)
     report = simulate(cfg, out, resume=resume)
     last = report["rounds"][-1] if report["rounds"] else {}
+    result = {"pretrain": f"backbone: {out / MODEL_FILENAME}", "finetune": f"classifier: {out / MODEL_FILENAME}",
+              "synth": f"generator: {out} (retfm synth sample --generator {out})"}[report["task"]]
     stdout.print(f"federated {report['objective']}: {report['rounds_done']} round(s) over {len(report['sites'])} "
                  f"sites ({report['strategy']}); last round aggregated {last.get('aggregated_sites', 0)} site(s), "
-                 f"rejected {len(last.get('rejected', []))}; "
-                 f"{'classifier' if report['task'] == 'finetune' else 'backbone'}: {out / MODEL_FILENAME}; "
-                 f"report: {out / 'report.md'}"
+                 f"rejected {len(last.get('rejected', []))}; {result}; report: {out / 'report.md'}"
                  + (f"; DP (epsilon, delta) = ({report['dp']['epsilon']:.3g}, {report['dp']['delta']:g})"
                     if report["dp"] else ""), highlight=False)
 

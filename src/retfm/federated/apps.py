@@ -1,10 +1,11 @@
 """Flower apps of a retfm federation, on Flower's Message API.
 
-The ClientApp is a site: ``train`` runs the task's local work (:func:`retfm.federated.task.local_pretrain` or
-:func:`~retfm.federated.task.local_finetune`) from the global weights it receives and replies with its new weights
-and a MetricRecord (``num-examples``, ``loss``, ``steps``); ``evaluate`` runs
-:func:`~retfm.federated.task.local_evaluate` (a probe of the global backbone) or
-:func:`~retfm.federated.task.local_test` (the global classifier on the site's test split) and replies with
+The ClientApp is a site: ``train`` runs the task's local work (:func:`retfm.federated.task.local_pretrain`,
+:func:`~retfm.federated.task.local_finetune` or :func:`~retfm.federated.task.local_synth`) from the global weights
+it receives and replies with its new weights and a MetricRecord (``num-examples``, ``loss``, ``steps``);
+``evaluate`` runs :func:`~retfm.federated.task.local_evaluate` (a probe of the global backbone),
+:func:`~retfm.federated.task.local_test` (the global classifier on the site's test split) or
+:func:`~retfm.federated.task.local_synth_test` (the global generator's denoising loss there) and replies with
 aggregate metrics only. Each reply also carries a ConfigRecord ``site`` naming the site, so the coordinator can
 report per site.
 
@@ -33,8 +34,8 @@ from flwr.serverapp import strategy as flower
 from retfm.config import FederatedConfig
 from retfm.errors import RetfmError
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
-from retfm.federated.task import (Site, contributed, local_evaluate, local_finetune, local_pretrain, local_test,
-                                  start_weights)
+from retfm.federated.task import (Site, contributed, local_evaluate, local_finetune, local_pretrain, local_synth,
+                                  local_synth_test, local_test, start_weights)
 from retfm.runs import save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -42,8 +43,9 @@ STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flo
               "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
               "multikrum": flower.MultiKrum, "bulyan": flower.Bulyan}
 
-LOCAL_TRAIN = {"pretrain": local_pretrain, "finetune": local_finetune}  # a site's work per task
-LOCAL_EVALUATE = {"pretrain": local_evaluate, "finetune": local_test}
+# a site's work per task
+LOCAL_TRAIN = {"pretrain": local_pretrain, "finetune": local_finetune, "synth": local_synth}
+LOCAL_EVALUATE = {"pretrain": local_evaluate, "finetune": local_test, "synth": local_synth_test}
 
 SERVER_OPTIMISER_STATE = ("m_t", "v_t")  # flwr's FedOpt strategies keep their moments in these attributes
 Recorder = Callable[[str, Message], None]  # (direction "sent" | "received", message)

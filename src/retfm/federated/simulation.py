@@ -3,7 +3,8 @@
 Each site is a virtual SuperNode running the retfm ClientApp in its own Ray worker (``cpus_per_site`` cores
 each); the coordinator's ServerApp runs in this process. Outputs in ``OUT``: ``checkpoint.pt`` (global weights
 and history, after every round: ``--resume`` continues from it), ``model.safetensors`` + ``model.json`` (the
-global backbone, or with task finetune the global classifier, as a retfm checkpoint), ``report.json`` and
+global backbone, or with task finetune the global classifier, as a retfm checkpoint; with task synth the global
+generator as ``retfm synth train`` writes it: ``unet/``, ``scheduler/``, ``generator.json``), ``report.json`` and
 ``report.md`` (metrics per site and round, rejected replies, bytes moved) and ``federated_config.yaml``.
 """
 
@@ -23,8 +24,9 @@ from retfm.errors import RetfmError
 from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
 from retfm.adapt.finetune import save_classifier
 from retfm.adapt.predictions import resolve_task
-from retfm.federated.task import Site, load_shared, plain_backbone, seeded_classifier, seeded_model
+from retfm.federated.task import MIN_CELL, Site, load_shared, plain_backbone, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
+from retfm.synth import train as synth
 
 MODEL_FILENAME = "model.safetensors"
 
@@ -78,16 +80,18 @@ def open_run(config: FederatedConfig, out: Path, resume: bool) -> Path:
 
 
 def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
-    """Write the global model as a retfm checkpoint (task pretrain: the backbone, LoRA adapters merged in; task
-    finetune: the classifier, as ``retfm finetune`` writes it) and the report (per site of ``sites``, by name) from
-    the coordinator's checkpoint."""
+    """Write the global model (task pretrain: the backbone as a retfm checkpoint, LoRA adapters merged in; task
+    finetune: the classifier, as ``retfm finetune`` writes it; task synth: the generator folder, as ``retfm synth
+    train`` writes it) and the report (per site of ``sites``, by name) from the coordinator's checkpoint."""
     saved = torch.load(out / CHECKPOINT_FILENAME, map_location="cpu", weights_only=True)
     local = config.local_config()
-    objective = (f"finetune {local.label} ({local.adaptation})" if config.task == "finetune"
-                 else local.objective)
+    objective, model_name = {
+        "pretrain": lambda: (local.objective, model_spec(local.model).name),
+        "finetune": lambda: (f"finetune {local.label} ({local.adaptation})", model_spec(local.model).name),
+        "synth": lambda: (f"synth {local.label} (ddpm)", f"unet-{local.size}px")}[config.task]()
     privacy = [entry["privacy"] for entry in saved["history"] if "privacy" in entry]
     report = {"rounds_done": saved["round"], "rounds": saved["history"], "sites": list(sites), "task": config.task,
-              "strategy": config.strategy, "objective": objective, "model": model_spec(local.model).name,
+              "strategy": config.strategy, "objective": objective, "model": model_name,
               "transfer": config.transfer, "transfer_params": config.transfer_params,
               "lora": config.lora.model_dump() if config.lora_options() else None,
               "dp": {**config.dp.model_dump(), **privacy[-1]} if config.dp and privacy else None,
@@ -104,6 +108,8 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
         save_classifier(model, spec, pre, local, classes, resolve_task(local.task, local.label, classes), None,
                         out / MODEL_FILENAME, name=f"{spec.name}-{local.label}-federated",
                         description=f"{spec.name} fine-tuned on {local.label} {description}", **card)
+    elif config.task == "synth":
+        save_federated_generator(config, saved, list(sites), out, card["federated"])
     else:
         spec, model = seeded_model(local, config.lora_options())
         load_shared(model, saved["weights"], coordinator)
@@ -115,13 +121,60 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
     return report
 
 
+def save_federated_generator(config: FederatedConfig, saved: dict, sites: list[str], out: Path,
+                             federated: dict) -> dict:
+    """The global UNet as a ``retfm synth train`` generator folder in ``out`` (``sample`` and ``assemble`` read
+    it as they read a site's): the card's class shares are the federation's training shares from the counts the
+    sites sent, its data the sites' names and image count (no manifest hash: the coordinator holds none), its
+    images seen those the aggregated replies trained on; no EMA (the last round's average is the generator)."""
+    local, conditions = config.synth_config(), synth.Conditions(config.synth_conditions())
+    unet, scheduler = synth.build_denoiser(local, conditions)
+    load_shared(unet, saved["weights"], Site("coordinator", ""))
+    profiles = latest_profiles(saved["history"])
+    images_seen = local.batch_size * sum(metrics["steps"] for entry in saved["history"]
+                                         for metrics in entry["train"].values())
+    flops = synth.training_flops_per_image(unet, local.size, torch.device("cpu")) * images_seen
+    return synth.save_generator(
+        unet, scheduler, out, local, conditions, class_shares=federation_shares(profiles, conditions),
+        data={"images": sum(p["images"] for p in profiles.values()), "split": local.split, "sites": sites},
+        steps=saved["round"] * config.local_steps, images_seen=images_seen, ema=False,
+        compute={"training_flops_estimate": flops, "device": local.device, "precision": local.precision,
+                 "federation_wall_hours": round(sum(entry["seconds"] for entry in saved["history"]) / 3600, 5)},
+        federated=federated)
+
+
+def federation_shares(profiles: dict[str, dict], conditions: synth.Conditions) -> dict[str, dict[str, float]]:
+    """Each condition column's value shares over the sites' training images, from their profile counts; a site's
+    count pooled by the small-cell rule is spread evenly over the values it did not report (an estimate); uniform
+    for a column no site counted."""
+    shares = {}
+    for column, values in conditions.values.items():
+        counts = dict.fromkeys(map(str, values), 0.0)
+        for profile in profiles.values():
+            reported = {v: profile.get(f"{column}={v}", 0) for v in counts}
+            unreported = [v for v, n in reported.items() if not n]
+            pooled = profile.get(f"{column}=(fewer than {MIN_CELL} each)", 0)
+            for v, n in reported.items():
+                counts[v] += n or pooled / len(unreported)
+        total = sum(counts.values())
+        shares[column] = ({v: round(n / total, 6) for v, n in counts.items() if n} if total
+                          else {v: round(1 / len(counts), 6) for v in counts})
+    return shares
+
+
+def latest_profiles(history: list[dict]) -> dict[str, dict]:
+    """Each site's latest profile (the counts of its training images it sent)."""
+    profiles: dict[str, dict] = {}
+    for entry in history:
+        profiles |= entry.get("profile", {})
+    return profiles
+
+
 def representativeness(history: list[dict]) -> list[dict]:
     """How each site's contributed images compare with the whole federation's, from the counts the sites sent
     (their latest profile): one row per group value with its share of all images and of each site's, and each
     site's gap from the federation in percentage points."""
-    profiles: dict[str, dict] = {}
-    for entry in history:
-        profiles |= entry.get("profile", {})
+    profiles = latest_profiles(history)
     if not profiles:
         return []
     total = sum(p["images"] for p in profiles.values())
@@ -147,14 +200,14 @@ def markdown_report(report: dict) -> str:
         lines += [f"Differential privacy (site level, noise added by the coordinator): clip norm {dp['clip_norm']:g}, "
                   f"noise multiplier {dp['noise_multiplier']:g}; (epsilon, delta) = ({dp['epsilon']:.3g}, "
                   f"{dp['delta']:g}) after {dp['releases']} noised round(s).", ""]
-    lines += ["| round | site | train loss | images | test AUROC | test accuracy | test images |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| round | site | train loss | images | test AUROC | test accuracy | test loss | test images |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for entry in report["rounds"]:
         for site in report["sites"]:
             train = entry["train"].get(site, {})
             test = entry.get("evaluate", {}).get(site, {})
             lines.append(f"| {entry['round']} | {site} | {_cell(train.get('loss'))} | {train.get('num-examples', '')} "
-                         f"| {_cell(test.get('auroc'))} | {_cell(test.get('accuracy'))} | "
+                         f"| {_cell(test.get('auroc'))} | {_cell(test.get('accuracy'))} | {_cell(test.get('loss'))} | "
                          f"{test.get('num-examples', '')} |")
     lines += ["", "| round | sites aggregated | rejected | MB sent | MB received | seconds | epsilon |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

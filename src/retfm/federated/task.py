@@ -5,14 +5,17 @@ data and optimiser code) from the global weights and returns the new weights; ``
 images with the global backbone, fits a logistic-regression probe on the site's train split and returns aggregate
 metrics of its test split. Task finetune: ``local_finetune`` runs N optimiser steps of ``retfm finetune``'s recipe
 (its model, adaptation, optimiser, augmentations and loss) on the site's labelled train split; ``local_test``
-scores the global classifier on the site's test split. None returns anything per image: only weights, counts and
-metrics leave a site.
+scores the global classifier on the site's test split. Task synth: ``local_synth`` runs N optimiser steps of
+``retfm synth train``'s denoising objective (its UNet, data and training step) on the site's images;
+``local_synth_test`` measures the global generator's denoising loss on the site's test split. None returns
+anything per image: only weights, counts and metrics leave a site.
 
 What trains travels, nothing else: the weights that cross the wire are the trainable parameters (backbone, MAE
 decoder, token-reconstruction projector and mask token; a classifier's weights as its adaptation trains them: all,
 the head only, or LoRA adapters and head). Everything else is rebuilt identically at every site from the run's seed
 and ``init`` / ``weights``: a token-reconstruction teacher (the student's initial weights), MAE's fixed position
-table, and, with LoRA (``lora``) or linear adaptation, the frozen base backbone.
+table, and, with LoRA (``lora``) or linear adaptation, the frozen base backbone. A generator's UNet trains
+whole, so all of it travels.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader
 from retfm.adapt import finetune as recipe
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.config import FederatedConfig, FederatedLora, FinetuneConfig, PretrainConfig
+from retfm.config import FederatedConfig, FederatedLora, FinetuneConfig, PretrainConfig, SynthTrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
@@ -42,6 +45,7 @@ from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metr
 from retfm.models import ModelSpec
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import MixedData, build_model, build_optimiser, mixed_precision, optimiser_step
+from retfm.synth import train as synth
 
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
 PROFILE_COLUMNS = ("sex", "country", "age_band")  # the groups whose mix each site reports
@@ -62,10 +66,14 @@ class Site:
 
 def contributed(site: Site, config: FederatedConfig) -> dict[str, int]:
     """:func:`site_profile` of the images the site trains on: its pretraining split (with ``evaluate_label``'s
-    counts), or its labelled train split with the fine-tuned label's."""
+    counts), its labelled train split with the fine-tuned label's, or a generator's split with each condition
+    column's counts."""
     if config.task == "finetune":
         label = config.finetune_config().label
         return site_profile(site, "train", [label], labelled=label)
+    if config.task == "synth":
+        options = config.synth_config()
+        return site_profile(site, options.split, [options.label, *options.cond], labelled=options.label)
     return site_profile(site, config.pretrain_config().split, [config.evaluate_label] if config.evaluate_label else [])
 
 
@@ -103,6 +111,8 @@ def start_weights(config: FederatedConfig) -> Weights:
     """The weights round 1 sends: the task's trainable tensors as every site builds them from the seed."""
     if config.task == "finetune":
         return shared_state(seeded_classifier(config.finetune_config(), config.classes())[2])
+    if config.task == "synth":
+        return shared_state(synth.build_denoiser(config.synth_config(), synth.Conditions(config.synth_conditions()))[0])
     return initial_weights(config.pretrain_config(), config.lora_options())[1]
 
 
@@ -200,6 +210,68 @@ def local_test(weights: Weights, site: Site, label: str, config: FinetuneConfig,
                                        task))
     return {"num-examples": len(test), **{name: values[name] for name in EVALUATION_METRICS
                                            if values[name] is not None}}
+
+
+def local_synth(weights: Weights, site: Site, steps: int, config: SynthTrainConfig, server_round: int = 1,
+                proximal_mu: float = 0.0, *, conditions: dict[str, list]) -> tuple[Weights, dict[str, float]]:
+    """``steps`` optimiser steps of ``retfm synth train``'s denoising objective on the site's images (its
+    ``split``), from ``weights``: the UNet of the federation's ``conditions`` (whatever values the site holds), the
+    same data pipeline and training step (noise, noise levels and condition drops drawn per site and round), a
+    fresh AdamW each round at the constant ``lr`` (no warmup, no EMA). ``proximal_mu`` > 0 adds FedProx's
+    proximal term. Returns the UNet's weights and ``{"num-examples": training images at the site, "loss": mean
+    denoising loss of the round's steps, "steps": steps}``."""
+    config = synth_site_config(config, site)
+    device = torch.device(config.device)
+    data = _site_images(config, conditions, site)
+    unet, scheduler = synth.build_denoiser(config, data.conditions)
+    load_shared(unet, weights, site)
+    unet = unet.to(device).train()
+    per_pass = len(data.order(0)) // config.batch_size
+    batches = data.batches((server_round - 1) * math.ceil(steps / per_pass), 0)  # each round its own passes
+    rng = torch.Generator().manual_seed(_seed(config.seed, site.name, server_round))
+    optimiser = synth.build_optimiser(unet, config)
+    penalty = _proximal_term(unet, proximal_mu) if proximal_mu > 0 else None
+    losses = []
+    for _ in range(steps):
+        images, classes, _, _ = next(batches)
+        losses.append(synth.train_step(unet, scheduler, optimiser, images, classes, data.conditions.null, rng,
+                                       config, device, penalty))
+    return shared_state(unet), {"num-examples": len(data.table), "loss": float(np.mean(losses)), "steps": steps}
+
+
+@torch.no_grad()
+def local_synth_test(weights: Weights, site: Site, label: str, config: SynthTrainConfig, *,
+                     conditions: dict[str, list]) -> dict[str, float]:
+    """The global generator's mean denoising loss on the site's test split (``label`` is the generator's): every
+    image once, unflipped, with its condition, at noise and noise levels drawn from ``config.seed`` (the same
+    draws every round). Returns ``{"num-examples": test images, "loss": ...}``."""
+    config = synth_site_config(config, site).model_copy(update={"split": "test", "flip": False})
+    device = torch.device(config.device)
+    data = _site_images(config, conditions, site)
+    unet, scheduler = synth.build_denoiser(config, data.conditions)
+    load_shared(unet, weights, site)
+    unet = unet.to(device).eval()
+    rng = torch.Generator().manual_seed(config.seed)
+    total, size = 0.0, config.batch_size
+    loader = DataLoader(data.dataset, batch_size=size, num_workers=config.workers)
+    for start, batch in zip(range(0, len(data.table), size), loader):
+        images = batch["image"]
+        loss = synth.denoising_loss(unet, scheduler, images, data.classes[start:start + len(images)],
+                                    data.conditions.null, rng, 0.0, device, config.precision)
+        total += loss.item() * len(images)
+    return {"num-examples": len(data.table), "loss": total / len(data.table)}
+
+
+def synth_site_config(config: SynthTrainConfig, site: Site) -> SynthTrainConfig:
+    """A generator's options at one site: the run's options on the site's own rows."""
+    return config.model_copy(update={"data": site.data, "sites": None if site.rows is None else [site.rows]})
+
+
+def _site_images(config: SynthTrainConfig, conditions: dict[str, list], site: Site) -> synth.ConditionedImages:
+    try:
+        return synth.ConditionedImages(config, synth.Conditions(conditions))
+    except RetfmError as exc:
+        raise RetfmError(f"site {site.name}: {exc}") from None
 
 
 def labelled_rows(site: Site, label: str) -> tuple[pd.DataFrame, Path]:

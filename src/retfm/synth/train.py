@@ -68,7 +68,7 @@ class Conditions:
             try:
                 positions.append([lookup[_plain(v)] for v in rows[column]])
             except KeyError as exc:
-                raise RetfmError(f"condition {column}={exc.args[0]!r}: not a value the generator was trained on "
+                raise RetfmError(f"condition {column}={exc.args[0]!r}: not one of the generator's values "
                                  f"({', '.join(map(str, self.values[column]))})") from None
         return np.ravel_multi_index(positions, self.shape).astype(np.int64)
 
@@ -84,7 +84,6 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
           progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
           on_log: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) a generator in ``out``; returns its card."""
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     checkpoint_path = out / CHECKPOINT_FILENAME
@@ -92,10 +91,9 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     device = checked_device(config.device)
 
     data = ConditionedImages(config)
-    torch.manual_seed(config.seed)  # the initial weights
-    unet = build_unet(config, data.conditions.null + 1).to(device).train()
-    scheduler = DDPMScheduler(num_train_timesteps=config.train_timesteps)
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    unet, scheduler = build_denoiser(config, data.conditions)
+    unet = unet.to(device).train()
+    optimiser = build_optimiser(unet, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, power=0.75) if config.ema else None
     noise_rng = torch.Generator().manual_seed(config.seed)
@@ -118,8 +116,7 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     if ema is not None:
         ema.to(device)
 
-    flops_per_image = _training_flops_per_image(unet, config.size, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    flops_per_image = training_flops_per_image(unet, config.size, device)
     if total:
         total(config.steps)
     if progress and state["step"]:
@@ -128,29 +125,17 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     started = time.perf_counter() - state["seconds"]
     while state["step"] < config.steps:
         batch, classes, state["epoch"], state["batch_in_epoch"] = next(batches)
-        # All randomness of a step from our generator, on the CPU: the same numbers on any device.
-        noise = torch.randn(batch.shape, generator=noise_rng)
-        timesteps = torch.randint(0, config.train_timesteps, (len(batch),), generator=noise_rng)
-        dropped = torch.rand(len(batch), generator=noise_rng) < config.cond_drop
-        classes = torch.where(dropped, data.conditions.null, classes)
-        images, noise = batch.to(device), noise.to(device)
-        timesteps, classes = timesteps.to(device), classes.to(device)
-        with autocast:
-            predicted = unet(scheduler.add_noise(images, noise, timesteps), timesteps, class_labels=classes).sample
-        loss = torch.nn.functional.mse_loss(predicted.float(), noise)
-        loss.backward()
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
+        loss = train_step(unet, scheduler, optimiser, batch, classes, data.conditions.null, noise_rng, config, device)
         schedule.step()
         if ema is not None:
             ema.step(unet.parameters())
         state["step"] += 1
-        state["images_seen"] += len(images)
+        state["images_seen"] += len(batch)
         state["seconds"] = time.perf_counter() - started
         if progress:
             progress(1)
         if state["step"] % config.log_every == 0 or state["step"] == config.steps:
-            record = {"step": state["step"], "loss": round(loss.item(), 6), "lr": schedule.get_last_lr()[0],
+            record = {"step": state["step"], "loss": round(loss, 6), "lr": schedule.get_last_lr()[0],
                       "epoch": state["epoch"], "images_seen": state["images_seen"]}
             with open(out / LOG_FILENAME, "a") as log:
                 log.write(json.dumps(record) + "\n")
@@ -161,23 +146,72 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
 
     if ema is not None:
         ema.copy_to(unet.parameters())  # the shared generator is the moving average
+    return save_generator(
+        unet, scheduler, out, config, data.conditions,
+        class_shares=data.class_shares(), data=data.summary, steps=state["step"], images_seen=state["images_seen"],
+        ema=config.ema, compute={"training_flops_estimate": flops_per_image * state["images_seen"],
+                                 "device": str(device), "device_hours": round(state["seconds"] / 3600, 5),
+                                 "precision": config.precision})
+
+
+def build_denoiser(config: SynthTrainConfig, conditions: Conditions):
+    """The UNet of ``conditions`` (its initial weights drawn from ``config.seed``, the global RNG left as it was)
+    and its DDPM noise schedule: the same pair at every site of a federation and in ``retfm synth train``."""
+    from diffusers import DDPMScheduler
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        unet = build_unet(config, conditions.null + 1)
+    return unet, DDPMScheduler(num_train_timesteps=config.train_timesteps)
+
+
+def build_optimiser(unet, config: SynthTrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def denoising_loss(unet, scheduler, images: torch.Tensor, classes: torch.Tensor, null: int, rng: torch.Generator,
+                   cond_drop: float, device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """DDPM's objective on a batch: noise each image at a random level, predict the noise, mean squared error;
+    a ``cond_drop`` share of the images is shown the null class. Every draw comes from ``rng`` on the CPU (noise,
+    then levels, then drops), so the numbers are the same on any device."""
+    noise = torch.randn(images.shape, generator=rng)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=rng)
+    dropped = torch.rand(len(images), generator=rng) < cond_drop
+    classes = torch.where(dropped, null, classes)
+    images, noise = images.to(device), noise.to(device)
+    timesteps, classes = timesteps.to(device), classes.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        predicted = unet(scheduler.add_noise(images, noise, timesteps), timesteps, class_labels=classes).sample
+    return torch.nn.functional.mse_loss(predicted.float(), noise)
+
+
+def train_step(unet, scheduler, optimiser, images: torch.Tensor, classes: torch.Tensor, null: int,
+               rng: torch.Generator, config: SynthTrainConfig, device: torch.device,
+               penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step of :func:`denoising_loss` (plus ``penalty()``, e.g. FedProx's term); returns the loss."""
+    loss = denoising_loss(unet, scheduler, images, classes, null, rng, config.cond_drop, device, config.precision)
+    (loss + penalty() if penalty is not None else loss).backward()
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def save_generator(unet, scheduler, out: Path, config: SynthTrainConfig, conditions: Conditions, **fields) -> dict:
+    """Write a generator folder: ``unet/`` (safetensors), ``scheduler/`` and the card, which holds ``fields``
+    (class shares, data summary, steps, ...) and the options without any local path; returns the card."""
+    out = Path(out)
     unet.cpu().save_pretrained(out / UNET_DIR, safe_serialization=True)
     scheduler.save_pretrained(out / SCHEDULER_DIR)
     weights_sha256 = file_sha256(out / UNET_DIR / WEIGHTS_FILENAME)
+    name = f"ddpm-{config.label}-{config.size}px"
     card = {
-        "kind": "retfm-synth-generator",
-        "name": f"ddpm-{config.label}-{config.size}px",
-        "generator_id": f"ddpm-{config.label}-{config.size}px-{weights_sha256[:12]}",
+        "kind": "retfm-synth-generator", "name": name, "generator_id": f"{name}-{weights_sha256[:12]}",
         "description": f"class-conditional pixel diffusion (diffusers UNet2DModel) of {config.size}px fundus "
-                       f"images, conditioned on {', '.join(data.conditions.columns)}",
-        "label": config.label, "cond": config.cond, "conditions": data.conditions.values,
-        "null_class": data.conditions.null, "size": config.size, "class_shares": data.class_shares(),
-        "data": data.summary, "steps": state["step"], "images_seen": state["images_seen"], "ema": config.ema,
-        "compute": {"training_flops_estimate": flops_per_image * state["images_seen"], "device": str(device),
-                    "device_hours": round(state["seconds"] / 3600, 5), "precision": config.precision},
+                       f"images, conditioned on {', '.join(conditions.columns)}",
+        "label": config.label, "cond": config.cond, "conditions": conditions.values, "null_class": conditions.null,
+        "size": config.size, **fields,
         "config": config.model_dump(mode="json", exclude={"data"}),  # no local path leaves with the card
-        "weights_sha256": weights_sha256, "licence": "as the training data",
-        "retfm_version": __version__,
+        "weights_sha256": weights_sha256, "licence": "as the training data", "retfm_version": __version__,
     }
     (out / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -204,9 +238,10 @@ def build_unet(config: SynthTrainConfig, num_classes: int):
 
 class ConditionedImages:
     """The training images at the generator's size, in [-1, 1], with their class index; rows whose condition is
-    unknown are left out (never guessed)."""
+    unknown are left out (never guessed). ``conditions``: the generator's condition values (a federation's, from
+    its config; a row holding another value is an error); by default the values found in the rows."""
 
-    def __init__(self, config: SynthTrainConfig):
+    def __init__(self, config: SynthTrainConfig, conditions: Conditions | None = None):
         manifest = Manifest.read(config.data)
         if config.split:
             manifest = manifest.split(config.split)
@@ -221,7 +256,7 @@ class ConditionedImages:
         if not len(table):
             raise RetfmError(f"{config.data}: no images with {', '.join(columns)} known in split {config.split!r}"
                              + (f" of site(s) {', '.join(config.sites)}" if config.sites is not None else ""))
-        self.conditions = Conditions.from_table(table, columns)
+        self.conditions = Conditions.from_table(table, columns) if conditions is None else conditions
         self.classes = torch.from_numpy(self.conditions.index({c: table[c].tolist() for c in columns}))
         transform = v2.Compose([v2.ToImage(), v2.Resize((config.size, config.size), antialias=True),
                                 *([v2.RandomHorizontalFlip()] if config.flip else []),
@@ -263,7 +298,7 @@ def _manifest_file(path: str) -> Path:
     return Path(path) / MANIFEST_FILENAME if Path(path).is_dir() else Path(path)
 
 
-def _training_flops_per_image(unet, size: int, device: torch.device) -> int:
+def training_flops_per_image(unet, size: int, device: torch.device) -> int:
     """Forward FLOPs of one image counted by torch, times 3 for the backward pass; the RNG is left untouched."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         counter = FlopCounterMode(display=False)
