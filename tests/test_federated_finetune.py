@@ -13,13 +13,12 @@ from sklearn.metrics import roc_auc_score
 from retfm.adapt.finetune import predict
 from retfm.config import FederatedConfig, ServeConfig, load_config
 from retfm.errors import RetfmError
-from retfm.federated.apps import client_app, coordinate
 from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_finetune, local_test, seeded_classifier, start_weights
 from retfm.models import create, preprocessing, spec
 from retfm.serve.screening import Screener
 from tests.test_federated import METRIC_KEYS, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
-from tests.test_federated_privacy import InProcessGrid
+from tests.test_federated_privacy import coordinate_in_process
 
 FINETUNE = {"model": "tiny-vit", "weights": "random", "label": "glaucoma", "classes": [0, 1], "batch_size": 4,
             "workers": 0, "blr": 0.05, "randaugment": None, "random_erasing": 0.0, "label_smoothing": 0.0}
@@ -81,18 +80,9 @@ def test_finetune_config_errors_are_one_line(cohort, tmp_path):
 
 def test_a_lora_fp16_dp_finetuning_sends_adapters_and_head_and_merges_them_at_the_end(cohort, tmp_path):
     config = _config(cohort, "lora", transfer="fp16", dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
-    sites = resolve_sites(config)
     start = start_weights(config)
     assert all(".lora_" in k or ".head.modules_to_save." in k for k in start)
-    train = []
-
-    def record(direction, message):
-        if message.metadata.message_type == "train":
-            arrays = message.content["arrays"]
-            train.append((direction, list(arrays.keys()), {a.dtype for a in arrays.values()}))
-
-    saved = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path,
-                       recorder=record)
+    saved, _, train = coordinate_in_process(config, tmp_path)
     assert len(train) == 2 * 2 * 2  # rounds x (sent + received) x sites
     assert all(keys == list(start) and dtypes == {"float16" if direction == "received" else "float32"}
                for direction, keys, dtypes in train)

@@ -36,6 +36,23 @@ class InProcessGrid:
                                     RecordDict(), {})) for m in messages]
 
 
+def coordinate_in_process(config, out):
+    """Run the coordinator with every site in this process. Returns its checkpoint content, every message as
+    (direction, message), and (direction, keys, dtypes) of each train message's arrays as they crossed the wire
+    (the coordinator widens fp16 replies afterwards)."""
+    messages, train = [], []
+
+    def record(direction, message):
+        messages.append((direction, message))
+        if message.metadata.message_type == "train":
+            arrays = message.content["arrays"]
+            train.append((direction, list(arrays.keys()), {a.dtype for a in arrays.values()}))
+
+    sites = resolve_sites(config)
+    saved = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), out, recorder=record)
+    return saved, messages, train
+
+
 def _norm(new: dict, old: dict) -> float:
     return math.sqrt(sum(float(((new[k].double() - old[k].double()) ** 2).sum()) for k in old))
 
@@ -145,15 +162,7 @@ def test_a_lora_fp16_dp_run_sends_only_adapters_and_head_and_merges_them_at_the_
     assert all(".lora_A." in k or ".lora_B." in k or not k.startswith("backbone.") for k in start)
     assert {k for k in start if not k.startswith("backbone.")} == {k for k in full if not k.startswith("backbone.")}
 
-    train = []  # what crossed the wire, as it was then (the coordinator widens fp16 replies afterwards)
-
-    def record(direction, message):
-        if message.metadata.message_type == "train":
-            arrays = message.content["arrays"]
-            train.append((direction, list(arrays.keys()), {a.dtype for a in arrays.values()}))
-
-    saved = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path,
-                       recorder=record)
+    saved, messages, train = coordinate_in_process(config, tmp_path)
     assert len(train) == 2 * 2 * 3  # rounds x (sent + received) x sites
     for direction, keys, dtypes in train:
         assert keys == list(start)  # adapters, projector and mask token: nothing of the frozen base

@@ -11,14 +11,13 @@ import torch
 
 from retfm.config import FederatedConfig, SynthAssembleConfig, SynthSampleConfig, load_config
 from retfm.errors import RetfmError
-from retfm.federated.apps import client_app, coordinate
 from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_synth, local_synth_test, start_weights
 from retfm.synth.assemble import assemble
 from retfm.synth.sample import sample
 from retfm.synth.train import Conditions, build_denoiser, verified_card
 from tests.test_federated import assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
-from tests.test_federated_privacy import InProcessGrid
+from tests.test_federated_privacy import coordinate_in_process
 
 GRADES = [0, 1, 2, 3, 4]
 SYNTH = {"label": "dr_grade", "classes": GRADES, "size": 16, "block_out_channels": [16, 32], "batch_size": 8,
@@ -92,18 +91,8 @@ def test_synth_config_errors_are_one_line(cohort, tmp_path):
 def test_an_fp16_dp_round_sends_unet_tensors_and_ends_in_a_generator_that_samples(cohort, tmp_path):
     config = _config(cohort, transfer="fp16", evaluate_label="dr_grade",
                      dp={"clip_norm": 1.0, "noise_multiplier": 0.01})
-    sites = resolve_sites(config)
     start = start_weights(config)
-    messages, train = [], []
-
-    def record(direction, message):  # as it crosses the wire: the coordinator widens fp16 replies afterwards
-        messages.append((direction, message))
-        if message.metadata.message_type == "train":
-            arrays = message.content["arrays"]
-            train.append((direction, list(arrays.keys()), {a.dtype for a in arrays.values()}))
-
-    saved = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path,
-                       recorder=record)
+    saved, messages, train = coordinate_in_process(config, tmp_path)
     assert len(train) == 2 * 2 * 2  # rounds x (sent + received) x sites
     assert all(keys == list(start) and dtypes == {"float16" if direction == "received" else "float32"}
                for direction, keys, dtypes in train)
