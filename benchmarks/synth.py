@@ -90,7 +90,9 @@ def main() -> None:
     card = train(overfit, out / "overfit")
     results["overfit_generator"] = {"steps": card["steps"],
                                     "cpu_minutes": round(card["compute"]["device_hours"] * 60, 2)}
-    sample(out / "overfit", out / "overfit_synthetic", sampling.model_copy(update={"n": args.n // 4, "labels": None}))
+    # guidance 1 (conditional only): with no condition dropout the null class never trained
+    sample(out / "overfit", out / "overfit_synthetic",
+           sampling.model_copy(update={"n": args.n // 4, "labels": None, "guidance": 1.0}))
     results["audit_overfit"] = _summary(audit(out / "overfit", out / "real" / "few.parquet",
                                               out / "overfit_synthetic", out / "overfit_audit", audit_config))
 
