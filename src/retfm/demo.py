@@ -42,6 +42,7 @@ from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
+from retfm.evaluate.report import REPORT_CSS
 from retfm.pretrain.trainer import MODEL_FILENAME, pretrain
 
 LABELS = ("dr_grade", "glaucoma")
@@ -197,10 +198,7 @@ def _compute(out: Path, models: dict[str, Path]) -> dict:
 REPORT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>retfm demo</title>
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; } .muted { color: #666; font-size: 0.9em; }
+{{ css }}
 .best { font-weight: bold; }
 </style></head><body>
 <h1>retfm demo: a small global model, end to end</h1>
@@ -274,5 +272,5 @@ def write_demo_report(results: dict, path: Path) -> Path:
     environment.filters["num"] = number(".3f")
     environment.filters["flops"] = number(".2e")
     environment.filters["ci"] = lambda ci: f"({ci[0]:.3f}–{ci[1]:.3f})" if ci and ci[0] is not None else ""
-    path.write_text(environment.from_string(REPORT).render(r=results, labels=LABELS), encoding="utf-8")
+    path.write_text(environment.from_string(REPORT).render(css=REPORT_CSS, r=results, labels=LABELS), encoding="utf-8")
     return path

@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,15 +26,18 @@ METRIC_NAMES = {
     "specificity": "specificity", "ece": f"ECE ({ECE_BINS} bins)",
 }
 
-TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>retfm evaluation: {{ r.label }}</title>
-<style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+# The look every retfm HTML report shares; each template adds its own classes after it.
+REPORT_CSS = Markup("""body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; } img { max-width: 100%; } .muted { color: #666; font-size: 0.9em; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; } img { max-width: 100%; }
+.muted { color: #666; font-size: 0.9em; }""")
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>retfm evaluation: {{ r.label }}</title>
+<style>
+{{ css }}
 </style></head><body>
 <h1>Evaluation of <code>{{ r.label }}</code></h1>
 <p>{{ r.task }} task, classes {{ r.classes | join(", ") }}. {{ r.n }} images evaluated
@@ -87,7 +91,7 @@ def write_report(result: dict, table: pd.DataFrame, label: str, out_dir: str | P
     environment.filters["num"] = lambda v: "–" if v is None else f"{v:.3f}"
     environment.filters["ci"] = lambda ci: "–" if ci is None else f"{ci[0]:.3f} – {ci[1]:.3f}"
     html = environment.from_string(TEMPLATE).render(
-        r=result, boot=result["meta"]["bootstrap"], names=METRIC_NAMES, metric_keys=METRICS, main=main,
+        css=REPORT_CSS, r=result, boot=result["meta"]["bootstrap"], names=METRIC_NAMES, metric_keys=METRICS, main=main,
         ece_bins=ECE_BINS, figures=_figures(o),
         groups=[(column, _group_bars(result, column, main)) for column in result["groups"]])
     out = Path(out_dir) / REPORT_FILENAME

@@ -11,19 +11,15 @@ import pandas as pd
 from markupsafe import Markup
 
 from retfm.evaluate.metrics import LOWER_IS_BETTER
-from retfm.evaluate.report import METRIC_NAMES, REPORT_FILENAME, figure_png, new_figure
+from retfm.evaluate.report import METRIC_NAMES, REPORT_CSS, REPORT_FILENAME, figure_png, new_figure
 
 UNKNOWN = "unknown"
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>retfm study: {{ c.label }}</title>
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; } img { max-width: 100%; }
-.muted { color: #666; font-size: 0.9em; } .failed { color: #b00; }
+{{ css }}
+.failed { color: #b00; }
 </style></head><body>
 <h1>Study of <code>{{ c.label }}</code></h1>
 <p>{{ cells | length }} cells: {{ counts | join(", ") }}. Models {{ models | join(", ") }}; adaptations
@@ -79,7 +75,7 @@ def write_study_report(config, cells: pd.DataFrame, results: pd.DataFrame, compa
                      & (results["label_fraction"] == top_fraction)]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     html = environment.from_string(TEMPLATE).render(
-        c=config, cells=cells, names=METRIC_NAMES, main=main, crossed=crossed, top_fraction=top_fraction,
+        css=REPORT_CSS, c=config, cells=cells, names=METRIC_NAMES, main=main, crossed=crossed, top_fraction=top_fraction,
         counts=[f"{n} {status}" for status, n in cells["status"].value_counts().sort_index().items()],
         models=[m.name for m in config.models], sites=sorted(set(cells["train_site"])),
         failed=cells[cells["status"] == "failed"].to_dict("records"),

@@ -48,7 +48,7 @@ from retfm.config import SynthAuditConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
-from retfm.evaluate.report import figure_png, new_figure
+from retfm.evaluate.report import REPORT_CSS, figure_png, new_figure
 from retfm.models import create, preprocessing, spec as model_spec
 from retfm.synth.train import CARD_FILENAME
 
@@ -216,12 +216,8 @@ def _confusion(y: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>retfm synthetic-data audit: {{ r.generator_id }}</title>
 <style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.8em 0; font-variant-numeric: tabular-nums; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; } img { max-width: 100%; }
-.muted { color: #666; font-size: 0.9em; } .flag { color: #b00; font-weight: bold; } .ok { color: #070; }
+{{ css }}
+.flag { color: #b00; font-weight: bold; } .ok { color: #070; }
 </style></head><body>
 <h1>Audit of generator <code>{{ r.generator_id }}</code></h1>
 <p>{{ r.n_synthetic }} synthetic images against {{ r.n_real }} real training images, in the feature space of
@@ -275,7 +271,7 @@ def write_report(result: dict, real: Manifest, fake: Manifest, out: Path) -> Pat
                    "fake": _thumbnail(fake.image_path(i)), "real": _thumbnail(real.image_path(j)), "distance": d}
                   for i, j, d in m["pairs"][: result["config"]["thumbnails"]]]
     html = environment.from_string(TEMPLATE).render(
-        r=result, m=m, l=labels, histogram=_histogram(m), thumbnails=thumbnails,
+        css=REPORT_CSS, r=result, m=m, l=labels, histogram=_histogram(m), thumbnails=thumbnails,
         confusion=_confusion_figure(labels) if "confusion" in labels else "",
         samples=[_thumbnail(fake.image_path(i), 64) for i in range(min(16, len(fake.table)))])
     path = out / REPORT_FILENAME
