@@ -459,8 +459,7 @@ class FederatedConfig(BaseModel):
     def _check_pretrain(cls, value):
         if value is None:
             return value
-        if "data" in value or "sites" in value:
-            raise ValueError("pretrain.data / pretrain.sites come from the federation's sites; leave them out")
+        _refuse_site_data("pretrain", value, {"data", "sites"})
         PretrainConfig.model_validate({**value, "data": ["site"]})
         return value
 
@@ -469,10 +468,7 @@ class FederatedConfig(BaseModel):
     def _check_finetune(cls, value):
         if value is None:
             return value
-        given = sorted(set(value) & {"data", "train_sites", "test_sites"})
-        if given:
-            raise ValueError(f"finetune.{', finetune.'.join(given)}: the data come from the federation's sites; "
-                             "leave them out")
+        _refuse_site_data("finetune", value, {"data", "train_sites", "test_sites"})
         classes = value.get("classes")
         if not isinstance(classes, list) or len({str(c) for c in classes}) != len(classes) or len(classes) < 2:
             raise ValueError("finetune.classes: the label's values in the classifier's order, at least two distinct "
@@ -485,10 +481,7 @@ class FederatedConfig(BaseModel):
     def _check_synth(cls, value):
         if value is None:
             return value
-        given = sorted(set(value) & {"data", "sites"})
-        if given:
-            raise ValueError(f"synth.{', synth.'.join(given)}: the data come from the federation's sites; "
-                             "leave them out")
+        _refuse_site_data("synth", value, {"data", "sites"})
         options = SynthTrainConfig.model_validate({**_without_classes(value), "data": "site"})
         _synth_conditions(options, value.get("classes"))
         return value
@@ -557,6 +550,14 @@ class FederatedConfig(BaseModel):
     def lora_options(self) -> FederatedLora | None:
         """The adapters when only LoRA weights travel, else None."""
         return self.lora if self.transfer_params == "lora" else None
+
+
+def _refuse_site_data(block: str, options: dict, keys: set[str]) -> None:
+    """A federation's task options may not name data: each site trains on its own."""
+    given = sorted(set(options) & keys)
+    if given:
+        raise ValueError(f"{block}.{f', {block}.'.join(given)}: the data come from the federation's sites; "
+                         "leave them out")
 
 
 def _without_classes(options: dict) -> dict:
