@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from retfm.config import FederatedConfig, IngestConfig
+from retfm.config import FederatedConfig, IngestConfig, load_config
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
+from retfm.errors import RetfmError
 from retfm.federated.apps import build_strategy, client_app, restore_strategy, screen, strategy_state
 from retfm.federated.simulation import representativeness, resolve_sites, simulate
 from retfm.federated.task import MIN_CELL, initial_weights, local_evaluate, local_pretrain, site_profile
@@ -190,6 +191,14 @@ def test_a_simulated_run_moves_only_weights_and_metrics_and_survives_a_crashed_s
     errors = [message for _, message in messages if message.has_error()]
     assert len(errors) == 1 and "disk unplugged" in errors[0].error.reason
     assert_only_weights_and_aggregates(messages, cohort, initial)
+
+
+def assert_one_line_config_errors(path, problems: list[tuple[list[str], str]]) -> None:
+    """Each (--set overrides, expected text): loading the config at ``path`` with them fails with one line."""
+    for sets, expected in problems:
+        with pytest.raises(RetfmError) as error:
+            load_config(FederatedConfig, path, sets=sets)
+        assert expected in str(error.value) and "\n" not in str(error.value), (sets, str(error.value))
 
 
 def assert_only_weights_and_aggregates(messages, cohort, weights: dict, labels=("glaucoma",)) -> None:

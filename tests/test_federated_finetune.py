@@ -17,7 +17,7 @@ from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_finetune, local_test, seeded_classifier, start_weights
 from retfm.models import create, preprocessing, spec
 from retfm.serve.screening import Screener
-from tests.test_federated import METRIC_KEYS, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
+from tests.test_federated import assert_one_line_config_errors, METRIC_KEYS, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
 from tests.test_federated_privacy import coordinate_in_process
 
 FINETUNE = {"model": "tiny-vit", "weights": "random", "label": "glaucoma", "classes": [0, 1], "batch_size": 4,
@@ -72,10 +72,7 @@ def test_finetune_config_errors_are_one_line(cohort, tmp_path):
                 (["transfer_params=lora"], "set finetune.adaptation: lora"),
                 (["evaluate_label=dr_grade"], "the classifier predicts 'glaucoma'"),
                 (["task=pretrain"], "task pretrain: give pretrain options, not finetune")]
-    for sets, expected in problems:
-        with pytest.raises(RetfmError) as error:
-            load_config(FederatedConfig, path, sets=sets)
-        assert expected in str(error.value) and "\n" not in str(error.value)
+    assert_one_line_config_errors(path, problems)
 
 
 def test_a_lora_fp16_dp_finetuning_sends_adapters_and_head_and_merges_them_at_the_end(cohort, tmp_path):

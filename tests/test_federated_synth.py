@@ -16,7 +16,7 @@ from retfm.federated.task import local_synth, local_synth_test, start_weights
 from retfm.synth.assemble import assemble
 from retfm.synth.sample import sample
 from retfm.synth.train import Conditions, build_denoiser, verified_card
-from tests.test_federated import assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
+from tests.test_federated import assert_one_line_config_errors, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
 from tests.test_federated_privacy import coordinate_in_process
 
 GRADES = [0, 1, 2, 3, 4]
@@ -82,10 +82,7 @@ def test_synth_config_errors_are_one_line(cohort, tmp_path):
                 (["transfer_params=lora"], "task synth: every UNet weight travels"),
                 (["evaluate_label=glaucoma"], "the generator is conditioned on 'dr_grade'"),
                 (["task=finetune"], "task finetune: give finetune options, not pretrain or synth")]
-    for sets, expected in problems:
-        with pytest.raises(RetfmError) as error:
-            load_config(FederatedConfig, path, sets=sets)
-        assert expected in str(error.value) and "\n" not in str(error.value), (sets, str(error.value))
+    assert_one_line_config_errors(path, problems)
 
 
 def test_an_fp16_dp_round_sends_unet_tensors_and_ends_in_a_generator_that_samples(cohort, tmp_path):
