@@ -2,7 +2,14 @@
 
 import json
 
+import pytest
+
+from retfm.config import IngestConfig
+from retfm.data.ingest import ingest
+from retfm.data.manifest import Manifest
+from retfm.data.phantoms import generate_cohort
 from retfm.demo import LABELS, run_demo
+from retfm.errors import RetfmError
 
 
 def test_quick_demo_builds_compares_and_reports(tmp_path):
@@ -37,3 +44,13 @@ def test_quick_demo_builds_compares_and_reports(tmp_path):
     names = [p.name for p in (out / "phantoms" / "images").iterdir()][:5]
     manifest = (out / "cohort" / "manifest.parquet").read_bytes()
     assert not any(name.encode() in manifest for name in names)
+
+
+def test_data_without_a_probed_label_is_refused_before_any_work(tmp_path):
+    generate_cohort(tmp_path / "raw", sites=2, per_site=4, size=64)
+    ingest(tmp_path / "raw", tmp_path / "cohort", IngestConfig(size=32, workers=1))
+    manifest = Manifest.read(tmp_path / "cohort")
+    Manifest(manifest.table.drop(columns="glaucoma"), manifest.root, manifest.metadata).write()
+    with pytest.raises(RetfmError, match="has no glaucoma column"):
+        run_demo(tmp_path / "demo", data=tmp_path / "cohort", say=lambda line: None)
+    assert list((tmp_path / "demo").iterdir()) == []  # nothing ran

@@ -91,7 +91,12 @@ def run_demo(out: Path, data: Path | None = None, quick: bool = False,
         key = generate_key(out / "site.key") if not (out / "site.key").exists() else out / "site.key"
         stage("de-identify and ingest", lambda: ingest(out / "phantoms", cohort, IngestConfig(
             size=64, workers=1, deid_key_file=key, stratify="dr_grade")))
-    sites = sorted(Manifest.read(cohort).table["site"].astype(str).unique())
+    table = Manifest.read(cohort).table
+    missing = [label for label in LABELS if label not in table]
+    if missing:  # checked before minutes of pretraining, not when the probes need them
+        raise RetfmError(f"{cohort}: the demo probes {' and '.join(LABELS)}; this data has no "
+                         f"{' or '.join(missing)} column")
+    sites = sorted(table["site"].astype(str).unique())
     if len(sites) < 2:
         raise RetfmError(f"{cohort}: the demo federates sites, and this data has one ({sites[0]})")
 
