@@ -157,8 +157,25 @@ def assert_loads_like_source(name: str, path, encoder: torch.nn.Module, **overri
     return model
 
 
+CONVOLUTIONAL = ("cnn-demo",)
+
+
 def test_every_entry_has_a_layout_test():
-    assert set(LAYOUTS) == set(list_models())
+    assert set(LAYOUTS) | set(CONVOLUTIONAL) == set(list_models())
+
+
+@pytest.mark.parametrize("name", CONVOLUTIONAL)
+def test_a_convolutional_entry_loads_a_timm_state_dict_and_takes_any_image_size(name, tmp_path):
+    entry = spec(name)
+    torch.manual_seed(0)
+    source = timm.create_model(entry.architecture, num_classes=0).eval()
+    model = create(name, weights=write(source.state_dict(), tmp_path / "w.pth"))
+    for size in (entry.input_size, 2 * entry.input_size):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert torch.equal(model(x), source(x)) and model(x).shape == (2, entry.embed_dim)
+    classifier = create(name, weights=tmp_path / "w.pth", num_classes=3)  # the classifier head is left out
+    assert classifier(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

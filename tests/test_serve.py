@@ -39,7 +39,7 @@ KEY = "test-key-0123456789abcdef"
 AUTH = {"X-API-Key": KEY}
 
 
-def make_served_model(root):
+def make_served_model(root, model_name="tiny-vit"):
     """A tiny fine-tuned classifier (brighter fundus = class 1) over a cohort stored as ingest stores images
     (field-of-view crops), and a retrieval index over the cohort embedded by that checkpoint's backbone."""
     (root / "cohort" / "images").mkdir(parents=True)
@@ -54,7 +54,7 @@ def make_served_model(root):
                      "split": "test" if patient % 4 == 0 else "val" if patient % 4 == 1 else "train",
                      "patient_id": f"p{patient}", "finding": label})
     Manifest(pd.DataFrame(rows), root / "cohort").write(root / "cohort")
-    finetune(FinetuneConfig(data=str(root / "cohort"), model="tiny-vit", weights="random", label="finding",
+    finetune(FinetuneConfig(data=str(root / "cohort"), model=model_name, weights="random", label="finding",
                             epochs=1, warmup_epochs=0, batch_size=8, workers=0, bootstrap=20, randaugment=None,
                             random_erasing=0.0, select_metric="loss", by=["site"]), root / "run")
     model = root / "run" / "model.safetensors"
@@ -96,6 +96,16 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 # ---- one photograph ---------------------------------------------------------------------------------------------
+
+def test_a_convolutional_classifier_is_explained_on_its_last_stage(tmp_path):
+    model, index = make_served_model(tmp_path, "cnn-demo")
+    screener = Screener(ServeConfig(model=model, index=index, api_key=KEY))
+    [result] = screener.run_batch([(screener.prepare(photo()), True)])
+    assert result["heatmap"]["method"] == "Grad-CAM, last convolutional stage"
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["heatmap"]["png_base64"]))))
+    assert overlay.shape[:2] == (448, 448)
+    assert len(result["similar_cases"]) == 5
+
 
 def test_predict_gives_the_models_probabilities_at_the_cards_threshold_with_heatmap_and_cases(client, served):
     config, screener = served

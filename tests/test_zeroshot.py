@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from retfm.config import PretrainConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
-from retfm.pretrain.clip import CLIP_WEIGHTS, load_clip
+from retfm.pretrain.clip import CLIP, CLIP_WEIGHTS, load_clip
 from retfm.pretrain.trainer import pretrain
 from retfm.zeroshot.classify import class_texts, top_k_accuracy, zeroshot
 
@@ -98,3 +98,69 @@ def test_top_k_accuracy_counts_the_true_class_among_the_k_most_probable():
     probabilities = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
     assert top_k_accuracy(np.array([1, 0, 3]), probabilities, (1, 3, 5)) == {"top1_accuracy": 0.0,
                                                                             "top3_accuracy": 1 / 3}
+
+
+def _tiny_clip(loss: str, label_aware: bool = True) -> CLIP:
+    from retfm.models import create
+
+    return CLIP(create("tiny-vit", weights="random"), loss=loss, label_aware=label_aware, **TINY_TEXT)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_with_every_text_different_the_loss_is_open_clips_own(loss):
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    torch.manual_seed(0)
+    model = _tiny_clip(loss)
+    images, tokens = torch.randn(6, 3, 64, 64), torch.randint(1, 400, (6, 48))
+    ours = model(images, tokens, torch.arange(6))["loss"]
+    image, text = model.encode_image(images), model.encode_text(tokens)
+    scale = model.logit_scale.exp()
+    reference = SigLipLoss()(image, text, scale, model.logit_bias) if loss == "siglip" else ClipLoss()(image, text, scale)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(_tiny_clip(loss, label_aware=False).load_state_dict(model.state_dict()) and
+                          model(images, tokens)["loss"], reference, atol=1e-5)
+
+
+def test_texts_that_say_the_same_are_positives_not_negatives():
+    """Two groups of texts that say the same. Pairwise CLIP loss prefers every image on its own text, apart from its
+    look-alikes; label-aware loss prefers each group on one point, where it reaches its floor (the mean log of the
+    number of positives)."""
+    model = _tiny_clip("clip")
+    keys = torch.tensor([7, 7, 7, 9, 9, 9, 9, 9])
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(100.0))
+    apart = torch.eye(8, 32)  # every image on its own text
+    together = torch.nn.functional.normalize(torch.eye(2, 32)[(keys == 9).long()], dim=-1)
+    losses = {}
+    for label_aware in (True, False):
+        model.label_aware = label_aware
+        for name, features in (("apart", apart), ("together", together)):
+            model.encode_image = model.encode_text = lambda _, f=features: f
+            losses[label_aware, name] = model(torch.zeros(8, 1), torch.zeros(8, 1), keys)["loss"].item()
+    floor = (3 * np.log(3) + 5 * np.log(5)) / 8
+    assert losses[True, "together"] == pytest.approx(floor, abs=1e-3) and losses[True, "apart"] > floor + 0.5
+    assert losses[False, "apart"] < 0.01 < floor - 0.5 < losses[False, "together"]
+
+
+def test_a_caption_key_is_what_the_text_says_not_its_wording():
+    from retfm.pretrain.clip import Captions
+
+    table = pd.DataFrame({"dr_grade": [2, 2, 0, 0, None], "glaucoma": [1, 1, 0, 1, None],
+                          "text": [None, None, None, None, "Optic disc  CUPPING"]})
+    captions = Captions(table, tokenizer=None, seed=0, where="test")
+    assert captions.text(0, epoch=0) != captions.text(1, epoch=3)  # worded differently ...
+    assert captions.key(0) == captions.key(1)  # ... but the same conditions
+    assert len({captions.key(i) for i in (0, 2, 3)}) == 3
+    assert captions.key(4) == Captions(table.assign(text=[None] * 4 + ["optic disc cupping"]), None, 0, "t").key(4)
+
+
+def test_a_convolutional_model_is_an_image_tower_but_not_a_masked_model(tmp_path):
+    from retfm.pretrain.trainer import build_model
+
+    _, objective = build_model(PretrainConfig(objective="clip", data=["unused"], model="cnn-demo",
+                                              objective_options=TINY_TEXT))
+    assert objective(torch.randn(4, 3, 64, 64), torch.randint(1, 400, (4, 48)))["loss"].isfinite()
+    for masked in ("mae", "token-reconstruction"):
+        with pytest.raises(RetfmError, match="needs a ViT"):
+            build_model(PretrainConfig(objective=masked, data=["unused"], model="cnn-demo"))

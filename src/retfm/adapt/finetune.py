@@ -49,6 +49,7 @@ from retfm.data.splits import label_fraction_subset
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import ModelSpec, create, save_checkpoint, spec as model_spec
+from retfm.models.backbones import head_prefix
 from retfm.models import preprocessing
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 
@@ -304,11 +305,13 @@ def save_classifier(model: torch.nn.Module, spec: ModelSpec, pre: Preprocessing,
 def _adapt(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
     if config.adaptation == "full":
         return model
+    head = head_prefix(model)
     if config.adaptation == "linear":
         for name, parameter in model.named_parameters():
-            parameter.requires_grad = name.startswith("head.")
+            parameter.requires_grad = name.startswith(head)
         return model
-    return add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, ["head"])
+    return add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                    [head.rstrip(".")])
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: list[str],

@@ -105,6 +105,24 @@ class ManifestDataset(Dataset):
         return item
 
 
+class EpochIndexed(Dataset):
+    """``dataset`` (anything with ``set_epoch``) addressed by position ``epoch * len(dataset) + index``, so that a
+    sampler can run across epochs and one DataLoader, with its worker processes, serves a whole run instead of one
+    per epoch (with a few images an epoch is a step or two). Items are still augmented as (seed, epoch, index) say,
+    and carry their ``"position"``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict:
+        epoch, index = divmod(int(position), len(self.dataset))
+        self.dataset.set_epoch(epoch)
+        return {**self.dataset[index], "position": int(position)}
+
+
 def apply_seeded(transform, image, seed: int | None, *keys: int):
     """``transform(image)`` with torch's RNG seeded from (seed, *keys) and then restored, so an item's
     augmentation depends on what it is, not on which worker or in which order it was loaded."""

@@ -32,6 +32,7 @@ POOLING_KWARGS = {
     "avg": {"global_pool": "avg", "fc_norm": True},
     "norm_avg": {"global_pool": "avg", "fc_norm": False},
     "token": {"global_pool": "token", "fc_norm": False},
+    "conv_avg": {"global_pool": "avg"},
 }
 WRAPPER_KEYS = ("model", "teacher", "state_dict", "model_ema")
 _PREFERRED_WRAPPER = {"mae": ("model",), "dinov2_teacher": ("teacher",)}
@@ -61,7 +62,8 @@ def create(name_or_path: str | Path, weights: str | Path | None = None, num_clas
 
 def load_weights(model: nn.Module, model_spec: ModelSpec, path: str | Path) -> nn.Module:
     """Load a checkpoint in any supported layout into ``model``; on any misfit raise, leaving ``model`` as it was.
-    Only classifier ``head.*`` keys may be absent or left out (a head for other classes stays initialised)."""
+    Only classifier keys (``head.*`` on a ViT, ``fc.*`` on a ResNet) may be absent or left out (a head for other
+    classes stays initialised)."""
     path = Path(path)
     state = _to_timm_names(_read_state_dict(path, model_spec.checkpoint_format), model)
     _check_fits(model, state, path, model_spec)
@@ -87,8 +89,10 @@ def save_checkpoint(model: nn.Module, model_spec: ModelSpec, path: str | Path, *
 
 
 def _build(model_spec: ModelSpec, num_classes: int = 0, img_size: int | None = None, **overrides) -> nn.Module:
-    kwargs = {**model_spec.model_kwargs, **POOLING_KWARGS[model_spec.pooling],
-              "img_size": img_size or model_spec.input_size, "num_classes": num_classes, **overrides}
+    kwargs = {**model_spec.model_kwargs, **POOLING_KWARGS[model_spec.pooling], "num_classes": num_classes,
+              **overrides}
+    if model_spec.pooling != "conv_avg":  # a convolutional network takes any image size as it is
+        kwargs["img_size"] = img_size or model_spec.input_size
     try:
         return timm.create_model(model_spec.architecture, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError) as exc:
@@ -192,12 +196,18 @@ def _to_timm_names(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
         # An encoder trained with its last LayerNorm on the tokens (MAE) pooled by the mean first: that LayerNorm
         # becomes the pooled token's norm (docs/models.md, "The fc_norm choice").
         state = {("fc_norm." + k[5:] if k in ("norm.weight", "norm.bias") else k): v for k, v in state.items()}
+    head = head_prefix(model)
     return {k: v for k, v in state.items()
-            if not k.startswith("head.") or (k in expected and v.shape == expected[k].shape)}
+            if not k.startswith(head) or (k in expected and v.shape == expected[k].shape)}
+
+
+def head_prefix(model: nn.Module) -> str:
+    """The classifier's parameter names start with this (``head.`` on a ViT, ``fc.`` on a ResNet)."""
+    return getattr(model, "pretrained_cfg", {}).get("classifier", "head") + "."
 
 
 def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_spec: ModelSpec) -> None:
-    problems = _misfits(model.state_dict(), state)
+    problems = _misfits(model.state_dict(), state, head_prefix(model))
     if problems:
         raise RetfmError(f"{path}: does not fit {model_spec.name} ({model_spec.architecture}): {problems}")
 
@@ -206,16 +216,16 @@ def _check_spec_describes(model_spec: ModelSpec, state: dict[str, torch.Tensor],
                           path: Path) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         reference = _build(model_spec, num_classes)
-    problems = _misfits(reference.state_dict(), state)
+    problems = _misfits(reference.state_dict(), state, head_prefix(reference))
     if problems:
         raise RetfmError(f"{path}: spec {model_spec.name} does not describe this model ({problems}); pass the spec "
                          "it was built from, e.g. dataclasses.replace(spec, input_size=..., model_kwargs=...)")
 
 
-def _misfits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+def _misfits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], head: str) -> str:
     mismatched = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
                   for k in state if k in expected and state[k].shape != expected[k].shape]
-    missing = [k for k in expected if k not in state and not k.startswith("head.")]
+    missing = [k for k in expected if k not in state and not k.startswith(head)]
     unexpected = [k for k in state if k not in expected]
     problems = [f"{len(keys)} {what}: {_shown(keys)}"
                 for what, keys in (("shape mismatch(es)", mismatched), ("missing key(s)", missing),

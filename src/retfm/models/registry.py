@@ -23,6 +23,7 @@ POOLINGS = {
     "avg": "mean of the patch tokens, then fc_norm (RETFound's global pool; no final norm on the tokens)",
     "norm_avg": "final norm on every token, then the mean of the patch tokens (RETFound-Green)",
     "token": "class token after the final norm",
+    "conv_avg": "global average of the last feature map (convolutional networks)",
 }
 CHECKPOINT_FORMATS = {
     "mae": "MAE training checkpoint {'model': state dict, ...}; decoder and mask_token dropped",
@@ -173,6 +174,15 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
         architecture="vit_tiny_patch16_224", model_kwargs={"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
         input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="avg", embed_dim=96,
         checkpoint_format="mae", licence="n/a (no weights)",
+    ),
+    ModelSpec(
+        name="cnn-demo", modality="CFP",
+        description="Small ResNet (timm resnet10t, 64 px, 512 features) for CPU tutorials, benchmarks and audit "
+                    "features: at this scale a ResNet learns from a few hundred images, and even its random "
+                    "features separate visible lesions, where a small ViT's do not; no published weights. "
+                    "Image-text pretraining and fine-tuning only (MAE and token reconstruction need a ViT)",
+        architecture="resnet10t", input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="conv_avg",
+        embed_dim=512, checkpoint_format="timm", licence="n/a (no weights)",
     ),
     ModelSpec(
         name="tiny-vit-reg", modality="test",

@@ -4,8 +4,10 @@ The image tower is any registry backbone (its pooled features, then a linear pro
 open_clip's text transformer with its bundled BPE tokenizer (works offline), or a Hugging Face text model (e.g. a
 clinical BERT) through open_clip when its files are present locally (``text: {hf_model_name: /path/to/model}``).
 The loss is CLIP's symmetric contrastive loss with a learnable temperature, or SigLIP's pairwise sigmoid loss
-(learnable temperature and bias); both from open_clip. Under several processes features are gathered across
-processes (with gradients), so the contrast is over the global batch.
+(learnable temperature and bias). By default it is label-aware, as FLAIR's is: pairs whose texts say the same
+(the same given text, or captions composed from the same conditions) are positives, not negatives; with
+``label_aware: false``, or when every text differs, it is CLIP's and SigLIP's own loss. Under several processes
+features are gathered across processes (with gradients, by open_clip), so the contrast is over the global batch.
 
 Texts come from the manifest's ``text`` column, or are composed from the image's labels with the disease knowledge
 base (``retfm.zeroshot.knowledge``: a template and a synonym drawn per image and epoch, so the wording varies).
@@ -16,6 +18,7 @@ the run's ``model.safetensors`` (the image backbone alone, usable wherever a mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from open_clip.loss import ClipLoss, SigLipLoss
+from open_clip.loss import gather_features
 from open_clip.model import CLIPTextCfg, _build_text_tower
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -42,13 +45,13 @@ class CLIP(nn.Module):
     in the shared space."""
 
     def __init__(self, backbone: nn.Module, embed_dim: int = 256, text: dict | None = None, loss: str = "clip",
-                 init_temperature: float = 0.07):
+                 init_temperature: float = 0.07, label_aware: bool = True):
         super().__init__()
         if loss not in ("clip", "siglip"):
             raise RetfmError(f"clip: loss {loss!r} is not clip or siglip")
         self.shard = BatchShard()  # the trainer sets this process's place among several
         self.text_options = {**DEFAULT_TEXT, **(text or {})}
-        self.embed_dim, self.loss_name = embed_dim, loss
+        self.embed_dim, self.loss_name, self.label_aware = embed_dim, loss, label_aware
         self.backbone = backbone
         self.image_projection = nn.Linear(backbone.num_features, embed_dim, bias=False)
         try:
@@ -72,15 +75,27 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                text_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``text_keys`` (int64, one per text; see ``Captions.key``) mark texts that say the same."""
         image_features, text_features = self.encode_image(images), self.encode_text(tokens)
+        if text_keys is None or not self.label_aware:  # every pair its own: CLIP's and SigLIP's own targets
+            text_keys = torch.arange(len(images), device=images.device) + self.shard.rank * len(images)
+        if self.shard.world > 1:
+            image_features, text_features = gather_features(image_features, text_features, gather_with_grad=True,
+                                                             rank=self.shard.rank, world_size=self.shard.world)
+            keys = [torch.empty_like(text_keys) for _ in range(self.shard.world)]
+            torch.distributed.all_gather(keys, text_keys.contiguous())
+            text_keys = torch.cat(keys)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP's cap on the temperature
+        logits = scale * image_features @ text_features.T
+        positive = text_keys[:, None] == text_keys[None, :]
         if self.loss_name == "siglip":
-            loss = SigLipLoss(rank=self.shard.rank, world_size=self.shard.world)(
-                image_features, text_features, scale, self.logit_bias)
-        else:
-            loss = ClipLoss(gather_with_grad=True, rank=self.shard.rank, world_size=self.shard.world)(
-                image_features, text_features, scale)
+            signs = positive.to(logits.dtype) * 2 - 1
+            loss = -nn.functional.logsigmoid(signs * (logits + self.logit_bias)).sum() / len(logits)
+        else:  # the targets of an image (and of a text) spread evenly over its positives; symmetric
+            targets = positive.to(logits.dtype) / positive.sum(1, keepdim=True)
+            loss = (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.T, targets)) / 2
         return {"loss": loss, "logit_scale": scale.detach()}
 
     def example_inputs(self, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -94,7 +109,8 @@ class CLIP(nn.Module):
                  if not k.startswith("backbone.")}
         state.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()})
         save_file(state, str(folder / CLIP_WEIGHTS))
-        options = {"embed_dim": self.embed_dim, "text": self.text_options, "loss": self.loss_name}
+        options = {"embed_dim": self.embed_dim, "text": self.text_options, "loss": self.loss_name,
+                   "label_aware": self.label_aware}
         (folder / CLIP_CARD).write_text(json.dumps({**card, "kind": "retfm-clip", "image_tower": "model.safetensors",
                                                     "tokenizer": self.tokenizer_name, "clip_options": options},
                                                    indent=2, default=str) + "\n")
@@ -155,12 +171,27 @@ class Captions:
         if isinstance(given, str) and given.strip():
             return given
         row = self.table.iloc[index]
-        modality = str(row["modality"]).lower() if "modality" in row and pd.notna(row["modality"]) else "cfp"
-        return self.knowledge.caption({c: row[c] for c in self.labels}, modality,
+        return self.knowledge.caption({c: row[c] for c in self.labels}, self._modality(row),
                                       np.random.default_rng([self.seed, epoch, index]))
+
+    @staticmethod
+    def _modality(row: pd.Series) -> str:
+        return str(row["modality"]).lower() if "modality" in row and pd.notna(row["modality"]) else "cfp"
 
     def tokens(self, index: int, epoch: int) -> torch.Tensor:
         return self.tokenizer([self.text(index, epoch)])[0]
+
+    def key(self, index: int) -> int:
+        """What the image's text says, as a number: its given text (case and spacing aside), or the conditions a
+        composed caption names, whatever its wording. Texts with equal keys are positives of each other."""
+        given = self.texts.iloc[index]
+        if isinstance(given, str) and given.strip():
+            meaning = "text:" + " ".join(given.lower().split())
+        else:
+            row = self.table.iloc[index]
+            conditions = self.knowledge.caption_conditions({c: row[c] for c in self.labels}, self._modality(row))
+            meaning = "conditions:" + ",".join(sorted(c.key for c in conditions))
+        return int.from_bytes(hashlib.sha256(meaning.encode()).digest()[:8], "big") >> 1  # fits an int64
 
 
 def is_clip_run(path: str | Path) -> bool:

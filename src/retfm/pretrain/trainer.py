@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -31,12 +32,12 @@ import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
 from retfm.config import PretrainConfig, save_config
-from retfm.data.datasets import ManifestDataset, Preprocessing, train_transform
+from retfm.data.datasets import EpochIndexed, ManifestDataset, Preprocessing, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
 from retfm.errors import RetfmError
@@ -172,7 +173,7 @@ def optimiser_step(step_model: torch.nn.Module, objective: torch.nn.Module, batc
     for micro in range(config.accum_steps):
         batch, state["epoch"], state["batch_in_epoch"] = next(batches)
         images = batch["image"].to(device, non_blocking=True)
-        inputs = (images, batch["text"].to(device)) if "text" in batch else (images,)
+        inputs = (images, batch["text"].to(device), batch["text_key"].to(device)) if "text" in batch else (images,)
         # Under DDP gradients are averaged once per step, at the last micro-batch's backward.
         accumulating = shard.world > 1 and micro < config.accum_steps - 1
         with step_model.no_sync() if accumulating else contextlib.nullcontext():
@@ -316,26 +317,31 @@ class MixedData:
         global_batch = batch_size * shard.world
         if global_batch > self.epoch_size:
             raise RetfmError(f"batch size {global_batch} is larger than the data ({self.epoch_size} images)")
-        while True:
-            for dataset in self.datasets:
-                dataset.set_epoch(epoch)
-            whole = self.order(epoch)[: self.epoch_size // global_batch * global_batch]  # whole batches only
-            mine = whole.reshape(-1, shard.world, batch_size)[:, shard.rank].ravel()
-            loader = DataLoader(_Concat(self.datasets, self.offsets), batch_size=batch_size,
-                                sampler=_Slice(mine[batch_in_epoch * batch_size:]), num_workers=workers,
-                                drop_last=True, generator=torch.Generator().manual_seed(self.seed + epoch),
-                                persistent_workers=False)
-            for batch in loader:
-                batch_in_epoch += 1
-                yield batch, epoch, batch_in_epoch
-            epoch, batch_in_epoch = epoch + 1, 0
+        data = _Concat(self.datasets, self.offsets)
+
+        def positions():  # this process's rows of every global batch, from the saved position on
+            start = batch_in_epoch * batch_size
+            for epoch_now in itertools.count(epoch):
+                whole = self.order(epoch_now)[: self.epoch_size // global_batch * global_batch]  # whole batches
+                mine = whole.reshape(-1, shard.world, batch_size)[:, shard.rank].ravel()
+                yield from (epoch_now * len(data) + mine[start:]).tolist()
+                start = 0
+
+        loader = DataLoader(EpochIndexed(data), batch_size=batch_size, sampler=positions(), num_workers=workers,
+                            drop_last=True, generator=torch.Generator().manual_seed(self.seed))  # not torch's RNG
+        done = (epoch, batch_in_epoch)
+        for batch in loader:  # batches never straddle epochs: an epoch is whole batches
+            batch_epoch = int(batch.pop("position")[0]) // len(data)
+            done = (batch_epoch, done[1] + 1 if batch_epoch == done[0] else 1)
+            yield batch, *done
 
     def summary(self) -> list[dict]:
         return self.sources
 
 
 class CaptionedDataset(Dataset):
-    """A manifest dataset whose items also carry their tokenised text (``"text"``)."""
+    """A manifest dataset whose items also carry their tokenised text (``"text"``) and what it says
+    (``"text_key"``, see ``Captions.key``)."""
 
     def __init__(self, dataset: ManifestDataset, captions):
         self.dataset, self.captions = dataset, captions
@@ -347,12 +353,17 @@ class CaptionedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "text": self.captions.tokens(index, self.dataset.epoch)}
+        return {**self.dataset[index], "text": self.captions.tokens(index, self.dataset.epoch),
+                "text_key": self.captions.key(index)}
 
 
 class _Concat(Dataset):
     def __init__(self, datasets: list[ManifestDataset], offsets: np.ndarray):
         self.datasets, self.offsets = datasets, offsets
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return int(self.offsets[-1]) + len(self.datasets[-1])
@@ -360,17 +371,6 @@ class _Concat(Dataset):
     def __getitem__(self, index: int) -> dict:
         source = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.datasets[source][index - int(self.offsets[source])]
-
-
-class _Slice(Sampler):
-    def __init__(self, indices: np.ndarray):
-        self.indices = indices
-
-    def __iter__(self):
-        return iter(self.indices.tolist())
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def _manifest_file(path: str) -> Path:
@@ -386,9 +386,13 @@ def build_model(config: PretrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
     size = config.image_size or spec.input_size
     spec = dataclasses.replace(spec, input_size=size)
     backbone = create(config.model, weights=config.init or "random", img_size=size)
-    patch = backbone.patch_embed.patch_size[0]
-    if size % patch:
-        raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
+    if config.objective != "clip":
+        if not hasattr(backbone, "patch_embed"):
+            raise RetfmError(f"{spec.name}: {config.objective} works on patch tokens and needs a ViT; this model is "
+                             "convolutional (it can be an image tower: --objective clip)")
+        patch = backbone.patch_embed.patch_size[0]
+        if size % patch:
+            raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
     return spec, build_objective(config, backbone)
 
 

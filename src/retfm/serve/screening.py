@@ -8,9 +8,9 @@ The steps a request goes through, split by where they run:
   detectable fundus, or a quality score under ``min_quality``, is *ungradable*: it gets that verdict and the
   reasons, never findings;
 - :meth:`Screener.run_batch` (per micro-batch, on the one model thread): one forward pass of the classifier over
-  the gradable images of many requests; Grad-CAM (the ``grad-cam`` package, on the last transformer block) for
-  those that asked for a heatmap, which makes that forward pass one with gradients; one forward pass of the
-  retrieval index's own embedding model and a FAISS search, when an index is served.
+  the gradable images of many requests; Grad-CAM (the ``grad-cam`` package, on the last transformer block or
+  convolutional stage) for those that asked for a heatmap, which makes that forward pass one with gradients; one
+  forward pass of the retrieval index's own embedding model and a FAISS search, when an index is served.
 
 Decisions follow the model card: a binary classifier's finding is "positive" when the probability of its second
 class reaches the threshold chosen on validation (Youden's J, by ``retfm finetune``); a multi-class one predicts
@@ -112,7 +112,7 @@ class Screener:
         forward pass (with gradients when any heatmap is wanted) and one embedding pass for the whole batch."""
         images = torch.stack([prepared.inputs["classifier"] for prepared, _ in items]).to(self.device)
         wanted = [explain for _, explain in items]
-        if any(wanted) and hasattr(self.model, "blocks"):
+        if any(wanted):
             logits, heat = self._forward_with_gradcam(images)
         else:
             with torch.inference_mode():
@@ -124,8 +124,8 @@ class Screener:
             result = self.findings(probabilities[row])
             if explain and heat is not None:
                 result["heatmap"] = {"png_base64": _overlay_png(prepared.crop, heat[row]),
-                                     "method": "Grad-CAM, last transformer block", "class": self._explained(
-                                         probabilities[row])}
+                                     "method": f"Grad-CAM, {self._explained_layer}",
+                                     "class": self._explained(probabilities[row])}
             if cases is not None:
                 result["similar_cases"] = cases[row]
             results.append(result)
@@ -159,10 +159,17 @@ class Screener:
         # The CAM is built per batch: its hooks then live only while it runs, so plain forwards keep nothing.
         # Targets: the finding's logit (binary); None lets Grad-CAM explain each image's predicted class.
         targets = [ClassifierOutputTarget(1)] * len(images) if self.task == "binary" else None
-        with torch.enable_grad(), GradCAM(self.model, [self.model.blocks[-1].norm1],
-                                          reshape_transform=self._tokens_to_grid) as cam:
+        if self._explained_layer == "last transformer block":  # its tokens, laid out on the patch grid
+            layer, reshape = self.model.blocks[-1].norm1, self._tokens_to_grid
+        else:
+            layer, reshape = self.model.get_submodule(self.model.feature_info[-1]["module"]), None
+        with torch.enable_grad(), GradCAM(self.model, [layer], reshape_transform=reshape) as cam:
             heat = cam(input_tensor=images, targets=targets)
             return cam.outputs.detach(), heat
+
+    @property
+    def _explained_layer(self) -> str:
+        return "last transformer block" if hasattr(self.model, "patch_embed") else "last convolutional stage"
 
     def _tokens_to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT tokens (B, N, C) -> (B, C, H, W) over the patch grid, without the class and register tokens."""

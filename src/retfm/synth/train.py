@@ -18,6 +18,7 @@ summary, weights hash) is all a site needs to share; no image leaves with it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from torchvision.transforms import v2
 
 from retfm import __version__
 from retfm.config import SynthTrainConfig, save_config
-from retfm.data.datasets import ManifestDataset
+from retfm.data.datasets import EpochIndexed, ManifestDataset
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
@@ -280,18 +281,25 @@ class ConditionedImages:
         return np.concatenate([rng.permutation(len(self.table)) for _ in range(passes)])
 
     def batches(self, epoch: int, batch_in_epoch: int):
-        """Yield (images, class indices, epoch, batches done in that epoch) forever from a saved position."""
-        size = self.config.batch_size
-        while True:
-            self.dataset.set_epoch(epoch)
-            order = self.order(epoch)
-            whole = order[: len(order) // size * size]
-            loader = DataLoader(self.dataset, batch_size=size, sampler=whole[batch_in_epoch * size:].tolist(),
-                                num_workers=self.config.workers, drop_last=True, persistent_workers=False)
-            for start, batch in zip(range(batch_in_epoch * size, len(whole), size), loader):
-                batch_in_epoch += 1
-                yield batch["image"], self.classes[whole[start:start + size]], epoch, batch_in_epoch
-            epoch, batch_in_epoch = epoch + 1, 0
+        """Yield (images, class indices, epoch, batches done in that epoch) forever from a saved position, through
+        one DataLoader for the whole run."""
+        size, count = self.config.batch_size, len(self.table)
+
+        def positions():
+            start = batch_in_epoch * size
+            for run_epoch in itertools.count(epoch):
+                order = self.order(run_epoch)
+                yield from (run_epoch * count + order[start: len(order) // size * size]).tolist()
+                start = 0
+
+        loader = DataLoader(EpochIndexed(self.dataset), batch_size=size, sampler=positions(),
+                            num_workers=self.config.workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(self.config.seed))  # not torch's global RNG
+        done = (epoch, batch_in_epoch)
+        for batch in loader:  # batches never straddle epochs: an epoch is whole batches
+            batch_epoch, index = np.divmod(batch["position"].numpy(), count)
+            done = (int(batch_epoch[0]), done[1] + 1 if batch_epoch[0] == done[0] else 1)
+            yield batch["image"], self.classes[index], *done
 
 
 def _manifest_file(path: str) -> Path:

@@ -230,9 +230,16 @@ class KnowledgeBase(BaseModel):
         return template.format(name=found.name, synonym=term, sign=sign)
 
     def caption(self, labels: dict, modality: str = "cfp", rng=None) -> str:
-        """A text for one image from its labels (``{column: value}``), for image-text training. Missing values
-        are skipped; "normal fundus" gives way to any other condition; conditions not visible on the modality
-        are left out. ``rng`` (a numpy Generator or a seed) varies the templates and synonyms."""
+        """A text for one image from its labels (``{column: value}``), for image-text training: one sentence per
+        condition of ``caption_conditions``. ``rng`` (a numpy Generator or a seed) varies the templates and
+        synonyms."""
+        modality = _modality(modality)
+        rng = None if rng is None else np.random.default_rng(rng)
+        return " ".join(self.describe(c, modality, rng) for c in self.caption_conditions(labels, modality))
+
+    def caption_conditions(self, labels: dict, modality: str = "cfp") -> list[Condition]:
+        """The conditions a caption of these labels names: missing values are skipped, "normal fundus" gives way to
+        any other condition, and conditions not visible on the modality are left out."""
         conditions: dict[str, Condition] = {}
         for column, value in labels.items():
             if _missing(value):
@@ -248,8 +255,7 @@ class KnowledgeBase(BaseModel):
         visible = [c for c in conditions.values() if modality in c.signs]
         if not visible:
             raise RetfmError(f"labels {labels}: no labelled condition is visible on {modality}")
-        rng = None if rng is None else np.random.default_rng(rng)
-        return " ".join(self.describe(c, modality, rng) for c in visible)
+        return visible
 
     def _visible(self, condition: str | Condition, modality: str) -> tuple[Condition, str, str]:
         found, modality = self.condition(condition), _modality(modality)
