@@ -74,7 +74,7 @@ def audit(generator: Path, real: Path, synthetic: Path, out: Path, config: Synth
     if foreign is None or bool(foreign.any()):
         raise RetfmError(f"{synthetic}: holds images that are not from {card['generator_id']}")
 
-    encoder = Encoder(config)
+    encoder = Encoder(config, at_size=card["size"])
     real_features = encoder(real_all)
     training = (real_all.table["split"] == config.real_split).to_numpy() if config.real_split else \
         np.ones(len(real_all.table), bool)
@@ -101,9 +101,11 @@ def audit(generator: Path, real: Path, synthetic: Path, out: Path, config: Synth
 
 class Encoder:
     """The audit's feature space: a registry model with its own preprocessing, batched, in inference mode; or
-    ``pixels``: the image shrunk to ``pixel_size`` (a baseline space that needs no encoder, blind to semantics)."""
+    ``pixels``: the image shrunk to ``pixel_size`` (a baseline space that needs no encoder, blind to semantics).
+    ``at_size``: every image is first brought to this side (the generator's), so that real and synthetic images
+    differ in what the generator drew, not in resolution (as FID is computed at one resolution)."""
 
-    def __init__(self, config: SynthAuditConfig):
+    def __init__(self, config: SynthAuditConfig, at_size: int | None = None):
         self.device = torch.device(config.device)
         self.batch_size = config.batch_size
         if config.model == PIXELS:
@@ -112,16 +114,18 @@ class Encoder:
                                          v2.ToDtype(torch.float32, scale=True)])
             self.description = {"model": f"pixels ({config.pixel_size}x{config.pixel_size} RGB)", "weights": "none",
                                 "note": "pixel space: closeness of colours and layout, not of disease signs"}
-            return
-        spec = model_spec(config.model)
-        if config.weights == "random":
-            torch.manual_seed(config.seed)  # the same random network every run, so audits compare
-        self.model = create(config.model, weights=config.weights).eval().to(self.device)
-        pre = preprocessing(spec)
-        self.transform = eval_transform(pre)
-        self.description = {"model": spec.name, "weights": config.weights or "published",
-                            "note": "random weights: numbers check the code only" if config.weights == "random"
-                            else ""}
+        else:
+            spec = model_spec(config.model)
+            if config.weights == "random":
+                torch.manual_seed(config.seed)  # the same random network every run, so audits compare
+            self.model = create(config.model, weights=config.weights).eval().to(self.device)
+            self.transform = eval_transform(preprocessing(spec))
+            self.description = {"model": spec.name, "weights": config.weights or "published",
+                                "note": "random weights: numbers check the code only" if config.weights == "random"
+                                else ""}
+        if at_size is not None:
+            self.transform = v2.Compose([v2.Resize((at_size, at_size), antialias=True), self.transform])
+            self.description["images_at"] = at_size
 
     @torch.inference_mode()
     def __call__(self, manifest: Manifest) -> np.ndarray:
