@@ -79,6 +79,7 @@ def test_synth_config_errors_are_one_line(cohort, tmp_path):
                 (["synth.classes={site: [a], dr_grade: [0]}"], "synth.classes: the values of dr_grade, site"),
                 (["synth.classes.site=[a,a]"], "synth.classes.site: a list of distinct values"),
                 (["synth.size=8"], "synth.size"),
+                (["synth.base_model=/models/sd"], "synth.base_model: federated training of a LoRA generator"),
                 (["transfer_params=lora"], "task synth: every UNet weight travels"),
                 (["evaluate_label=glaucoma"], "the generator is conditioned on 'dr_grade'"),
                 (["task=finetune"], "task finetune: give finetune options, not pretrain or synth")]

@@ -145,7 +145,8 @@ class PretrainConfig(BaseModel):
 
 
 class SynthTrainConfig(BaseModel):
-    """Options of ``retfm synth train`` (see docs/synth.md): a class-conditional pixel-space diffusion model."""
+    """Options of ``retfm synth train`` (see docs/synth.md): a class-conditional pixel-space diffusion model, or
+    with ``base_model`` a LoRA adapter of a local pretrained latent text-to-image model prompted with the labels."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -155,14 +156,26 @@ class SynthTrainConfig(BaseModel):
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
     sites: list[str] | None = Field(None, description="rows of these sites only (a site's own generator); "
                                                        "null: every site")
-    size: int = Field(64, ge=16, le=512, description="side of the generated square images")
+    base_model: str | None = Field(None, description="local diffusers folder of a pretrained Stable-Diffusion-style "
+                                                     "model (unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
+                                                     "never downloaded): train a LoRA adapter of its UNet, prompted "
+                                                     "with the labels, instead of a pixel UNet from scratch")
+    lora_rank: int = Field(8, ge=1, description="base_model: rank of the LoRA matrices")
+    lora_alpha: float | None = Field(None, gt=0, description="base_model: LoRA scale numerator (null: the rank)")
+    lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                                    description="base_model: UNet modules given adapters (default: the attention "
+                                                "projections)")
+    size: int = Field(64, ge=16, le=1024, description="side of the generated square images (base_model: a size it "
+                                                      "was trained at, e.g. 512)")
     block_out_channels: tuple[int, ...] = Field((32, 64, 128), min_length=2,
-                                                description="UNet channels per resolution level")
-    layers_per_block: int = Field(1, ge=1)
-    norm_groups: int = Field(8, ge=1, description="GroupNorm groups (divides every channel count)")
-    train_timesteps: int = Field(1000, ge=10, description="DDPM noise levels")
-    cond_drop: float = Field(0.1, ge=0, lt=1, description="share of training images shown with the null class, "
-                                                           "which classifier-free guidance needs")
+                                                description="pixel UNet: channels per resolution level")
+    layers_per_block: int = Field(1, ge=1, description="pixel UNet: ResNet blocks per level")
+    norm_groups: int = Field(8, ge=1, description="pixel UNet: GroupNorm groups (divides every channel count)")
+    train_timesteps: int = Field(1000, ge=10, description="pixel UNet: DDPM noise levels (base_model: its own "
+                                                          "scheduler's)")
+    cond_drop: float = Field(0.1, ge=0, lt=1, description="share of training images shown with the null class "
+                                                           "(base_model: the empty prompt), which "
+                                                           "classifier-free guidance needs")
     steps: int = Field(2000, ge=1, description="optimiser steps")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -185,12 +198,19 @@ class SynthTrainConfig(BaseModel):
             return tuple(int(v) for v in value.split(","))
         return value
 
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _parse_targets(cls, value):
+        return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+
 
 class SynthSamplerOptions(BaseModel):
     """How images are drawn from a generator: options shared by ``retfm synth sample`` and ``assemble``."""
 
     model_config = ConfigDict(extra="forbid")
 
+    base_model: str | None = Field(None, description="local diffusers folder of the base model a LoRA generator "
+                                                     "was fine-tuned from (its card names it and its UNet's hash)")
     sampler: Literal["ddim", "dpm"] = Field("ddim", description="DDIM or DPM-Solver++ (multistep)")
     inference_steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale (1: conditional only, "
@@ -482,6 +502,9 @@ class FederatedConfig(BaseModel):
         if value is None:
             return value
         _refuse_site_data("synth", value, {"data", "sites"})
+        if value.get("base_model") is not None:
+            raise ValueError("synth.base_model: federated training of a LoRA generator is not built; each site can "
+                             "train its own with retfm synth train --set base_model=...")
         options = SynthTrainConfig.model_validate({**_without_classes(value), "data": "site"})
         _synth_conditions(options, value.get("classes"))
         return value

@@ -21,6 +21,8 @@ Guidance = Annotated[float, typer.Option("--guidance", help="classifier-free gui
 SampleBatch = Annotated[int, typer.Option("--batch-size", help="images per batch [default: 64]")]
 Device = Annotated[str, typer.Option("--device", help="cpu|cuda [default: cpu]")]
 Seed = Annotated[int, typer.Option("--seed", help="seed [default: 0]")]
+BaseModel = Annotated[str, typer.Option("--base-model", help="local diffusers folder of the base model a LoRA "
+                                                             "generator adapts (never downloaded)")]
 
 
 @app.command()
@@ -28,8 +30,11 @@ def train(
     data: str = typer.Option(None, "--data", help="ingest folder or manifest with the real images"),
     label: str = typer.Option(None, "--label", help="label column the images are conditioned on, e.g. dr_grade"),
     cond: list[str] = typer.Option(None, "--cond", help="further condition column, e.g. site (repeatable)"),
-    out: Path = typer.Option(..., "--out", help="generator folder: unet/, scheduler/, generator.json, "
-                                                "checkpoint.pt, log.jsonl"),
+    out: Path = typer.Option(..., "--out", help="generator folder: unet/ and scheduler/ (or lora/), "
+                                                "generator.json, checkpoint.pt, log.jsonl"),
+    base_model: str = typer.Option(None, "--base-model", help="local diffusers folder of a pretrained "
+                                   "Stable-Diffusion-style model: train a LoRA adapter of it, prompted with the "
+                                   "labels, instead of a pixel UNet (never downloaded)"),
     size: int = typer.Option(None, "--size", help="image side in pixels: 64, 128 or 256 (any multiple of 2^(levels-1)) [default: 64]"),
     steps: int = typer.Option(None, "--steps", help="optimiser steps [default: 2000]"),
     batch_size: int = typer.Option(None, "--batch-size", help="images per step [default: 32]"),
@@ -40,12 +45,13 @@ def train(
     config: Path = typer.Option(None, "--config", help=ConfigOption),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
-    """Train a class-conditional diffusion model (classifier-free guidance) on real fundus images."""
+    """Train a class-conditional diffusion model (classifier-free guidance) on real fundus images, or a LoRA
+    adapter of a local pretrained text-to-image model (--base-model)."""
     from retfm.config import SynthTrainConfig, load_config
     from retfm.synth.train import train as run_train
 
-    options = {"data": data, "label": label, "cond": cond or None, "size": size, "steps": steps,
-               "batch_size": batch_size, "device": device, "workers": workers, "seed": seed}
+    options = {"data": data, "label": label, "cond": cond or None, "base_model": base_model, "size": size,
+               "steps": steps, "batch_size": batch_size, "device": device, "workers": workers, "seed": seed}
     cfg = load_config(SynthTrainConfig, config, options, sets)
 
     def show(record: dict) -> None:
@@ -70,6 +76,7 @@ def sample(
     batch_size: SampleBatch = None,
     device: Device = None,
     seed: Seed = None,
+    base_model: BaseModel = None,
     config: Path = typer.Option(None, "--config", help=ConfigOption),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
@@ -78,7 +85,8 @@ def sample(
     from retfm.synth.sample import sample as run_sample
 
     options = {"n": n, "labels": labels, "sampler": sampler, "inference_steps": inference_steps,
-               "guidance": guidance, "batch_size": batch_size, "device": device, "seed": seed}
+               "guidance": guidance, "batch_size": batch_size, "device": device, "seed": seed,
+               "base_model": base_model}
     cfg = load_config(SynthSampleConfig, config, options, sets)
     with progress_bar("synth sample", unit="img") as (total, advance):
         summary = run_sample(generator, out, cfg, progress=advance, total=total)
@@ -120,7 +128,8 @@ def export(
     generator: Path = typer.Option(..., "--generator", help="folder written by `retfm synth train`"),
     out: Path = typer.Option(..., "--out", help="new folder: the submission a site sends the coordinator"),
 ) -> None:
-    """Copy what a site sends the coordinator: unet/, scheduler/ and generator.json (no checkpoint, log or config)."""
+    """Copy what a site sends the coordinator: unet/, scheduler/ (a LoRA generator: lora/) and generator.json (no
+    checkpoint, log or config)."""
     from retfm.synth.assemble import export as run_export
 
     card = run_export(generator, out)
@@ -143,6 +152,7 @@ def assemble(
     batch_size: SampleBatch = None,
     device: Device = None,
     seed: Seed = None,
+    base_model: BaseModel = None,
     config: Path = typer.Option(None, "--config", help=ConfigOption),
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
@@ -151,7 +161,8 @@ def assemble(
     from retfm.synth.assemble import assemble as run_assemble
 
     options = {"n": n, "allocation": allocation, "sampler": sampler, "inference_steps": inference_steps,
-               "guidance": guidance, "batch_size": batch_size, "device": device, "seed": seed}
+               "guidance": guidance, "batch_size": batch_size, "device": device, "seed": seed,
+               "base_model": base_model}
     cfg = load_config(SynthAssembleConfig, config, options, sets)
     with progress_bar("synth assemble", unit="img") as (total, advance):
         summary = run_assemble(generator, out, cfg, progress=advance, total=total)

@@ -1,8 +1,9 @@
 """The generative prong of Global RETFound: sites submit generators, the coordinator assembles a synthetic set.
 
 A site trains a generator on its own images (``retfm synth train --set sites=[site1]``) and sends only what
-:func:`export` copies: ``unet/`` (config and weights), ``scheduler/`` and the card ``generator.json``; not the
-checkpoint (optimiser state), the training log or the config file (which names local paths).
+:func:`export` copies: ``unet/`` (config and weights), ``scheduler/`` and the card ``generator.json`` (a LoRA
+generator: ``lora/`` and the card; the coordinator holds the base model and names it with ``base_model``); not
+the checkpoint (optimiser state), the training log or the config file (which names local paths).
 
 The coordinator's :func:`assemble` checks every submission's weights against its card before sampling any,
 refuses a generator given twice, samples each one with :func:`retfm.synth.sample.sample` in its own training
@@ -26,13 +27,16 @@ from retfm import __version__
 from retfm.config import SynthAssembleConfig, SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
-from retfm.synth.sample import exact_counts, sample
-from retfm.synth.train import CARD_FILENAME, SCHEDULER_DIR, UNET_DIR, WEIGHTS_FILENAME, verified_card
+from retfm.synth.sample import MACHINE_OPTIONS, exact_counts, sample
+from retfm.synth.train import (CARD_FILENAME, LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, WEIGHTS_FILES, card_type,
+                               verified_card)
 
 PROVENANCE_FILENAME = "provenance.json"
-# What a site sends: the generator and its card, nothing else from its training folder.
-SUBMISSION_FILES = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{WEIGHTS_FILENAME}",
-                    f"{SCHEDULER_DIR}/scheduler_config.json", CARD_FILENAME)
+# What a site sends, by kind of generator: its weights and card, nothing else from its training folder (a LoRA
+# generator: the adapter alone; the coordinator holds the base model).
+SUBMISSION_FILES = {PIXEL: (f"{UNET_DIR}/config.json", WEIGHTS_FILES[PIXEL], f"{SCHEDULER_DIR}/scheduler_config.json",
+                            CARD_FILENAME),
+                    LATENT_LORA: (WEIGHTS_FILES[LATENT_LORA], CARD_FILENAME)}
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a site name usable as a folder name as it is
 
 
@@ -40,10 +44,10 @@ def export(generator: Path, out: Path) -> dict:
     """Copy a trained generator's submission (:data:`SUBMISSION_FILES`) into the new folder ``out``; returns
     its card."""
     generator, out = Path(generator), Path(out)
-    verified_card(generator)
+    card = verified_card(generator)
     if out.exists() and any(out.iterdir()):
         raise RetfmError(f"{out}: is not empty; choose a new --out for the submission")
-    for name in SUBMISSION_FILES:
+    for name in SUBMISSION_FILES[card_type(card)]:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(generator / name, out / name)
     return verified_card(out)
@@ -65,11 +69,12 @@ def assemble(generators: list[Path], out: Path, config: SynthAssembleConfig,
     provenance = {
         "kind": "retfm-synth-assembly",
         "images": int(sum(counts)),
-        "sampling": config.model_dump(mode="json", exclude={"batch_size", "device"}),
+        "sampling": config.model_dump(mode="json", exclude=MACHINE_OPTIONS),
         "generators": [{"generator_id": card["generator_id"], "weights_sha256": card["weights_sha256"],
                         "folder": folder, "sites": card["data"]["sites"], "label": card["label"],
                         "cond": card["cond"], "steps": card["steps"], "images_seen": card["images_seen"],
                         "training_images": card["data"]["images"], "class_shares": card["class_shares"],
+                        "base_model": card.get("base_model"),
                         "n": plan.n, "seed": plan.seed, "generator_retfm_version": card.get("retfm_version")}
                        for card, folder, plan in zip(cards, folders, plans)],
         "retfm_version": __version__,

@@ -3,7 +3,9 @@
 Each image ``i`` has its own condition and its own starting noise, both functions of (seed, i), and DDIM (eta 0)
 and DPM-Solver++ are deterministic; so an image is the same whichever batch it is drawn in, and an interrupted
 run resumes by skipping the images already written (each is written atomically). Classifier-free guidance:
-``eps = eps_null + guidance * (eps_cond - eps_null)``.
+``eps = eps_null + guidance * (eps_cond - eps_null)``. A LoRA generator (``retfm.synth.latent``) is sampled the
+same way in its base model's latent space (null: the empty prompt), then decoded by the base model's VAE; its base
+model is read from the local folder ``base_model``.
 
 Output: ``OUT/images/<image_id>.png``, ``OUT/manifest.parquet`` (image_id, path, site, split=train,
 synthetic=true, the condition columns, generator_id, generator_sha256) and ``OUT/sample.json`` (generator card
@@ -29,14 +31,17 @@ from retfm.synth.train import Conditions, load_generator
 
 SAMPLE_FILENAME = "sample.json"
 SYNTHETIC_SITE = "synthetic"  # the site of images from a generator not conditioned on site
+# options that change where and how fast images are drawn, not which: left out of a folder's identity (and the
+# base model's path names no image: the generator's card names the base by its hash)
+MACHINE_OPTIONS = {"batch_size", "device", "base_model"}
 
 
 def sample(generator: Path, out: Path, config: SynthSampleConfig,
            progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
     """Write ``config.n`` images and their manifest to ``out``; returns a summary."""
     device = checked_device(config.device)
-    unet, scheduler_config, card = load_generator(generator)
-    unet.to(device)
+    denoiser, card = load_generator(generator, config.base_model)
+    denoiser.to(device)
     conditions = Conditions(card["conditions"])
     shares = parse_shares(config.labels, card)
     rows = assign_conditions(config.n, shares, config.seed)
@@ -51,12 +56,13 @@ def sample(generator: Path, out: Path, config: SynthSampleConfig,
         total(config.n)
     if progress and len(todo) < config.n:
         progress(config.n - len(todo))
-    scheduler = _scheduler(config, scheduler_config)
+    scheduler = _scheduler(config, denoiser.scheduler.config)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), config.batch_size):
         chosen = todo[start:start + config.batch_size]
-        noise = torch.stack([initial_noise(config.seed, i, card["size"]) for i in chosen])
-        images = denoise(unet, scheduler, noise, torch.from_numpy(classes[chosen]), conditions.null, config, device)
+        noise = torch.stack([initial_noise(config.seed, i, denoiser.shape) for i in chosen])
+        images = denoise(denoiser, scheduler, noise, torch.from_numpy(classes[chosen]), conditions.null, config,
+                         device)
         for i, image in zip(chosen, images):
             target = out / rows["path"][i]
             partial = target.with_name(target.stem + ".tmp.png")
@@ -127,31 +133,33 @@ def exact_counts(shares, n: int) -> np.ndarray:
     return counts
 
 
-def initial_noise(seed: int, index: int, size: int) -> torch.Tensor:
-    """Image ``index``'s starting noise: its own generator, seeded from (seed, index)."""
+def initial_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Image ``index``'s starting noise (of one sample's ``shape``: pixels or latents): its own generator, seeded
+    from (seed, index)."""
     child = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(child))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(child))
 
 
 @torch.inference_mode()
-def denoise(unet, scheduler, noise: torch.Tensor, classes: torch.Tensor, null: int, config: SynthSampleConfig,
+def denoise(denoiser, scheduler, noise: torch.Tensor, classes: torch.Tensor, null: int, config: SynthSampleConfig,
             device: torch.device) -> np.ndarray:
-    """Run the sampler from ``noise`` with guidance; returns N x H x W x 3 uint8 images."""
+    """Run the sampler from ``noise`` with guidance, then decode (a latent generator's VAE); returns
+    N x H x W x 3 uint8 images."""
     scheduler.set_timesteps(config.inference_steps)
     x = noise.to(device)
     classes = classes.to(device)
-    nulls = torch.full_like(classes, null)
+    conditional, unconditional = denoiser.condition(classes), denoiser.condition(torch.full_like(classes, null))
+    both = {key: torch.cat([conditional[key], unconditional[key]]) for key in conditional}
     for t in scheduler.timesteps:
         if config.guidance == 1:
-            eps = unet(x, t, class_labels=classes).sample
+            eps = denoiser.unet(x, t, **conditional).sample
         elif config.guidance == 0:
-            eps = unet(x, t, class_labels=nulls).sample
+            eps = denoiser.unet(x, t, **unconditional).sample
         else:  # one pass over both halves
-            both = unet(torch.cat([x, x]), t, class_labels=torch.cat([classes, nulls])).sample
-            conditional, unconditional = both.chunk(2)
-            eps = unconditional + config.guidance * (conditional - unconditional)
+            eps_conditional, eps_unconditional = denoiser.unet(torch.cat([x, x]), t, **both).sample.chunk(2)
+            eps = eps_unconditional + config.guidance * (eps_conditional - eps_unconditional)
         x = scheduler.step(eps, t, x).prev_sample
-    pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    pixels = ((denoiser.decode(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -166,7 +174,7 @@ def _scheduler(config: SynthSampleConfig, ddpm_config: dict):
 def _claim(out: Path, card: dict, config: SynthSampleConfig) -> None:
     """Record which generator and options fill ``out``; a folder filled by others is refused, not mixed."""
     identity = {"generator_id": card["generator_id"], "generator_sha256": card["weights_sha256"],
-                "config": config.model_dump(mode="json", exclude={"batch_size", "device"})}
+                "config": config.model_dump(mode="json", exclude=MACHINE_OPTIONS)}
     path = out / SAMPLE_FILENAME
     if path.exists():
         if json.loads(path.read_text()) != identity:

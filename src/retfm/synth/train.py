@@ -6,6 +6,10 @@ condition (shows the null class) for a share of images, so sampling can use clas
 DDPM's: noise an image at a random level, predict the noise, mean squared error; AdamW with a linear warmup.
 diffusers' ``EMAModel`` keeps the moving average (with its warmup, so short runs are not stuck at the start).
 
+With ``base_model`` the same loop fine-tunes LoRA adapters of a local pretrained latent text-to-image model
+instead (:mod:`retfm.synth.latent`): each class is a prompt, the null class the empty prompt, and the images are
+denoised as the model's VAE latents. Both kinds are a :class:`PixelDenoiser`-like object to the loop.
+
 Exact resumes, as in ``retfm pretrain``: an epoch's order is a function of (seed, epoch), each image's flip of
 (seed, epoch, index), and noise, noise levels and condition drops come from one generator of our own whose state
 is checkpointed (``OUT/checkpoint.pt``, written atomically every ``checkpoint_every`` steps) with the model,
@@ -44,6 +48,10 @@ CARD_FILENAME = "generator.json"
 LOG_FILENAME = "log.jsonl"
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
 WEIGHTS_FILENAME = "diffusion_pytorch_model.safetensors"  # diffusers' name for safetensors weights
+PIXEL, LATENT_LORA = "pixel", "latent-lora"  # the kinds of generator (a card's "type"; older cards: pixel)
+# each kind's hashed weights file (the card's weights_sha256), by kind: never a path read from a card
+WEIGHTS_FILES = {PIXEL: f"{UNET_DIR}/{WEIGHTS_FILENAME}", LATENT_LORA: "lora/pytorch_lora_weights.safetensors"}
+LOCAL_OPTIONS = {"data", "base_model"}  # options naming local paths, never written to a card
 
 
 # ---- conditions ---------------------------------------------------------------------------------------------------
@@ -92,17 +100,23 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     device = checked_device(config.device)
 
     data = ConditionedImages(config)
-    unet, scheduler = build_denoiser(config, data.conditions)
-    unet = unet.to(device).train()
+    if config.base_model:
+        from retfm.synth.latent import LatentLoRA
+        denoiser = LatentLoRA.for_training(config, data.conditions)
+    else:
+        denoiser = PixelDenoiser(*build_denoiser(config, data.conditions), config.size)
+    denoiser.to(device)
+    unet = denoiser.unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]  # every weight, or the LoRA adapters only
     optimiser = build_optimiser(unet, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
-    ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, power=0.75) if config.ema else None
+    ema = EMAModel(trainable, decay=config.ema_max_decay, use_ema_warmup=True, power=0.75) if config.ema else None
     noise_rng = torch.Generator().manual_seed(config.seed)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
     if resume:
         saved = load_own_checkpoint(checkpoint_path, config)
-        unet.load_state_dict(saved["unet"])
+        load_trainable_state(unet, saved["unet"])
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
         if ema is not None:
@@ -117,7 +131,7 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     if ema is not None:
         ema.to(device)
 
-    flops_per_image = training_flops_per_image(unet, config.size, device)
+    flops_per_image = denoiser.training_flops_per_image(device)
     if total:
         total(config.steps)
     if progress and state["step"]:
@@ -126,10 +140,12 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     started = time.perf_counter() - state["seconds"]
     while state["step"] < config.steps:
         batch, classes, state["epoch"], state["batch_in_epoch"] = next(batches)
-        loss = train_step(unet, scheduler, optimiser, batch, classes, data.conditions.null, noise_rng, config, device)
+        loss = optimiser_step(optimiser, denoising_loss(
+            unet, denoiser.scheduler, denoiser.encode(batch, noise_rng, device), classes, data.conditions.null,
+            noise_rng, config.cond_drop, device, config.precision, denoiser.condition))
         schedule.step()
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(trainable)
         state["step"] += 1
         state["images_seen"] += len(batch)
         state["seconds"] = time.perf_counter() - started
@@ -146,9 +162,9 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
             _save_checkpoint(checkpoint_path, config, unet, optimiser, schedule, ema, noise_rng, state)
 
     if ema is not None:
-        ema.copy_to(unet.parameters())  # the shared generator is the moving average
-    return save_generator(
-        unet, scheduler, out, config, data.conditions,
+        ema.copy_to(trainable)  # the shared generator is the moving average
+    return denoiser.save(
+        out, config, data.conditions,
         class_shares=data.class_shares(), data=data.summary, steps=state["step"], images_seen=state["images_seen"],
         ema=config.ema, compute={"training_flops_estimate": flops_per_image * state["images_seen"],
                                  "device": str(device), "device_hours": round(state["seconds"] / 3600, 5),
@@ -167,14 +183,28 @@ def build_denoiser(config: SynthTrainConfig, conditions: Conditions):
 
 
 def build_optimiser(unet, config: SynthTrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    """AdamW over the UNet's trainable weights (all of a pixel UNet's; a LoRA generator's adapters)."""
+    return torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=config.lr,
+                             weight_decay=config.weight_decay)
+
+
+def _class_labels(classes: torch.Tensor) -> dict:
+    """How a pixel UNet is conditioned: its class embedding."""
+    return {"class_labels": classes}
 
 
 def denoising_loss(unet, scheduler, images: torch.Tensor, classes: torch.Tensor, null: int, rng: torch.Generator,
-                   cond_drop: float, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """DDPM's objective on a batch: noise each image at a random level, predict the noise, mean squared error;
-    a ``cond_drop`` share of the images is shown the null class. Every draw comes from ``rng`` on the CPU (noise,
-    then levels, then drops), so the numbers are the same on any device."""
+                   cond_drop: float, device: torch.device, precision: str = "fp32",
+                   condition: Callable[[torch.Tensor], dict] = _class_labels) -> torch.Tensor:
+    """DDPM's objective on a batch: noise each image (or latent) at a random level, predict the noise (or the
+    velocity, for a scheduler that predicts ``v_prediction``), mean squared error; a ``cond_drop`` share of the
+    images is shown the null class. ``condition`` turns class indices into the UNet's conditioning arguments.
+    Every draw comes from ``rng`` on the CPU (noise, then levels, then drops), so the numbers are the same on any
+    device."""
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise RetfmError(f"a noise schedule predicting {prediction_type!r}: only epsilon and v_prediction are "
+                         "trained here")
     noise = torch.randn(images.shape, generator=rng)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=rng)
     dropped = torch.rand(len(images), generator=rng) < cond_drop
@@ -182,39 +212,78 @@ def denoising_loss(unet, scheduler, images: torch.Tensor, classes: torch.Tensor,
     images, noise = images.to(device), noise.to(device)
     timesteps, classes = timesteps.to(device), classes.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        predicted = unet(scheduler.add_noise(images, noise, timesteps), timesteps, class_labels=classes).sample
-    return torch.nn.functional.mse_loss(predicted.float(), noise)
+        predicted = unet(scheduler.add_noise(images, noise, timesteps), timesteps, **condition(classes)).sample
+    target = scheduler.get_velocity(images, noise, timesteps) if prediction_type == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(predicted.float(), target)
 
 
-def train_step(unet, scheduler, optimiser, images: torch.Tensor, classes: torch.Tensor, null: int,
-               rng: torch.Generator, config: SynthTrainConfig, device: torch.device,
-               penalty: Callable[[], torch.Tensor] | None = None) -> float:
-    """One optimiser step of :func:`denoising_loss` (plus ``penalty()``, e.g. FedProx's term); returns the loss."""
-    loss = denoising_loss(unet, scheduler, images, classes, null, rng, config.cond_drop, device, config.precision)
+def optimiser_step(optimiser, loss: torch.Tensor, penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """Backward ``loss`` (plus ``penalty()``, e.g. FedProx's term), AdamW, clear the gradients; returns the loss."""
     (loss + penalty() if penalty is not None else loss).backward()
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)
     return loss.item()
 
 
+def train_step(unet, scheduler, optimiser, images: torch.Tensor, classes: torch.Tensor, null: int,
+               rng: torch.Generator, config: SynthTrainConfig, device: torch.device,
+               penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step of a pixel UNet's :func:`denoising_loss` (plus ``penalty()``); returns the loss."""
+    return optimiser_step(optimiser, denoising_loss(unet, scheduler, images, classes, null, rng, config.cond_drop,
+                                                    device, config.precision), penalty)
+
+
+class PixelDenoiser:
+    """The pixel UNet as the training loop and the sampler see a generator (:class:`retfm.synth.latent.LatentLoRA`
+    is the other kind): its UNet, DDPM ``scheduler``, ``condition`` (class indices -> UNet arguments), the space it
+    denoises (``encode`` / ``decode`` of images in [-1, 1]; here the pixels themselves) and one sample's ``shape``."""
+
+    def __init__(self, unet, scheduler, size: int):
+        self.unet, self.scheduler, self.shape = unet, scheduler, (3, size, size)
+        self.condition = _class_labels
+
+    def to(self, device: torch.device) -> PixelDenoiser:
+        self.unet.to(device)
+        return self
+
+    def encode(self, images: torch.Tensor, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        return images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def training_flops_per_image(self, device: torch.device) -> int:
+        return training_flops_per_image(self.unet, self.shape[-1], device)
+
+    def save(self, out: Path, config: SynthTrainConfig, conditions: Conditions, **fields) -> dict:
+        return save_generator(self.unet, self.scheduler, out, config, conditions, **fields)
+
+
 def save_generator(unet, scheduler, out: Path, config: SynthTrainConfig, conditions: Conditions, **fields) -> dict:
-    """Write a generator folder: ``unet/`` (safetensors), ``scheduler/`` and the card, which holds ``fields``
-    (class shares, data summary, steps, ...) and the options without any local path; returns the card."""
+    """Write a pixel generator folder: ``unet/`` (safetensors), ``scheduler/`` and the card (:func:`write_card`,
+    with ``fields``: class shares, data summary, steps, ...); returns the card."""
     out = Path(out)
     unet.cpu().save_pretrained(out / UNET_DIR, safe_serialization=True)
     scheduler.save_pretrained(out / SCHEDULER_DIR)
-    weights_sha256 = file_sha256(out / UNET_DIR / WEIGHTS_FILENAME)
-    name = f"ddpm-{config.label}-{config.size}px"
+    return write_card(out, PIXEL, f"ddpm-{config.label}-{config.size}px", config, conditions,
+                      f"class-conditional pixel diffusion (diffusers UNet2DModel) of {config.size}px fundus images, "
+                      f"conditioned on {', '.join(conditions.columns)}", **fields)
+
+
+def write_card(out: Path, kind: str, name: str, config: SynthTrainConfig, conditions: Conditions, description: str,
+               licence: str = "as the training data", **fields) -> dict:
+    """Write ``out/generator.json`` for a generator of ``kind`` whose weights are in place: what it is conditioned
+    on, ``fields``, the options without any local path and its weights' hash (which names it); returns the card."""
+    weights_sha256 = file_sha256(Path(out) / WEIGHTS_FILES[kind])
     card = {
-        "kind": "retfm-synth-generator", "name": name, "generator_id": f"{name}-{weights_sha256[:12]}",
-        "description": f"class-conditional pixel diffusion (diffusers UNet2DModel) of {config.size}px fundus "
-                       f"images, conditioned on {', '.join(conditions.columns)}",
+        "kind": "retfm-synth-generator", "type": kind, "name": name, "generator_id": f"{name}-{weights_sha256[:12]}",
+        "description": description,
         "label": config.label, "cond": config.cond, "conditions": conditions.values, "null_class": conditions.null,
         "size": config.size, **fields,
-        "config": config.model_dump(mode="json", exclude={"data"}),  # no local path leaves with the card
-        "weights_sha256": weights_sha256, "licence": "as the training data", "retfm_version": __version__,
+        "config": config.model_dump(mode="json", exclude=LOCAL_OPTIONS),  # no local path leaves with the card
+        "weights_sha256": weights_sha256, "licence": licence, "retfm_version": __version__,
     }
-    (out / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
+    (Path(out) / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 
@@ -307,17 +376,38 @@ def _manifest_file(path: str) -> Path:
 
 
 def training_flops_per_image(unet, size: int, device: torch.device) -> int:
-    """Forward FLOPs of one image counted by torch, times 3 for the backward pass; the RNG is left untouched."""
+    """Forward FLOPs of one image through a pixel UNet, times 3 for the backward pass."""
+    zeros = torch.zeros(1, dtype=torch.long, device=device)
+    return 3 * forward_flops(lambda: unet(torch.zeros(1, 3, size, size, device=device), zeros, class_labels=zeros),
+                             device)
+
+
+def forward_flops(run: Callable[[], object], device: torch.device) -> int:
+    """FLOPs of ``run()`` counted by torch, without gradients; the RNG is left untouched."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         counter = FlopCounterMode(display=False)
         with counter:
-            unet(torch.zeros(1, 3, size, size, device=device), torch.zeros(1, dtype=torch.long, device=device),
-                 class_labels=torch.zeros(1, dtype=torch.long, device=device))
-    return 3 * counter.get_total_flops()
+            run()
+    return counter.get_total_flops()
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a run trains (every weight of a pixel UNet, a LoRA generator's adapters), by name."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put :func:`trainable_state`'s weights back; the names must be exactly the module's trainable ones."""
+    own = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    if set(own) != set(state):
+        raise RetfmError("the checkpoint's trained weights are not this model's; resume with the same options")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
 
 
 def _save_checkpoint(path: Path, config, unet, optimiser, schedule, ema, noise_rng, state) -> None:
-    payload = {"config": config.model_dump_json(), "unet": unet.state_dict(), "optimiser": optimiser.state_dict(),
+    payload = {"config": config.model_dump_json(), "unet": trainable_state(unet), "optimiser": optimiser.state_dict(),
                "schedule": schedule.state_dict(), "noise_rng": noise_rng.get_state(), "state": dict(state)}
     if ema is not None:
         payload["ema"] = ema.state_dict()
@@ -326,31 +416,48 @@ def _save_checkpoint(path: Path, config, unet, optimiser, schedule, ema, noise_r
 
 # ---- loading ------------------------------------------------------------------------------------------------------
 
-def load_generator(path: Path):
-    """(UNet in eval mode, its DDPM scheduler config, card) of a ``retfm synth train`` output folder."""
+def load_generator(path: Path, base_model: str | None = None):
+    """(denoiser in eval mode, card) of a ``retfm synth train`` output folder; a LoRA generator's base model is
+    read from the local folder ``base_model``."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     path = Path(path)
     card = verified_card(path)
-    unet = UNet2DModel.from_pretrained(path / UNET_DIR, use_safetensors=True).eval()
-    scheduler_config = DDPMScheduler.load_config(path / SCHEDULER_DIR)
-    return unet, scheduler_config, card
+    if card_type(card) == LATENT_LORA:
+        from retfm.synth.latent import LatentLoRA
+        denoiser = LatentLoRA.for_sampling(path, card, base_model)
+    else:
+        unet = UNet2DModel.from_pretrained(path / UNET_DIR, use_safetensors=True, local_files_only=True)
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(path / SCHEDULER_DIR))
+        denoiser = PixelDenoiser(unet, scheduler, card["size"])
+    denoiser.unet.eval()
+    return denoiser, card
+
+
+def card_type(card: dict) -> str:
+    """A card's kind of generator (cards written before LoRA generators existed are pixel ones)."""
+    return card.get("type", PIXEL)
 
 
 def verified_card(path: Path) -> dict:
     """The card of a generator folder whose weights are the ones the card's ``weights_sha256`` names."""
     path = Path(path)
     card_file = path / CARD_FILENAME
-    if not card_file.is_file() or not (path / UNET_DIR / WEIGHTS_FILENAME).is_file():
-        raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {CARD_FILENAME} or "
-                         f"{UNET_DIR}/{WEIGHTS_FILENAME})")
+    if not card_file.is_file():
+        raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {CARD_FILENAME})")
     try:
         card = json.loads(card_file.read_text())
     except ValueError:
         raise RetfmError(f"{card_file}: not a JSON generator card") from None
     if not isinstance(card, dict) or card.get("kind") != "retfm-synth-generator":
         raise RetfmError(f"{card_file}: not a `retfm synth train` generator card")
-    if file_sha256(path / UNET_DIR / WEIGHTS_FILENAME) != card.get("weights_sha256"):
+    if card_type(card) not in WEIGHTS_FILES:
+        raise RetfmError(f"{card_file}: generator type {card_type(card)!r} is not one of "
+                         f"{', '.join(WEIGHTS_FILES)} (a newer retfm's?)")
+    weights = path / WEIGHTS_FILES[card_type(card)]
+    if not weights.is_file():
+        raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {WEIGHTS_FILES[card_type(card)]})")
+    if file_sha256(weights) != card.get("weights_sha256"):
         raise RetfmError(f"{path}: its weights differ from its card's weights_sha256 (changed after training, "
                          f"or a partial upload)")
     return card
