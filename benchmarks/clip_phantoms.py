@@ -6,7 +6,7 @@ test split: zero-shot Top-1 accuracy and AUROC for glaucoma, AMD and DR grade ag
 Precision@5 by label against the label prior (leave-one-out over the test images in the shared space). Runs the
 ``retfm`` commands a user would run.
 
-    python benchmarks/clip_phantoms.py [--per-site 150] [--steps 600] [--out DIR]
+    python benchmarks/clip_phantoms.py [--per-site 150] [--steps 400] [--model cnn-demo] [--pairwise] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def retfm(*args: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-site", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--model", default="cnn-demo", help="image tower (registry name)")
     parser.add_argument("--loss", default="clip", choices=["clip", "siglip"])
     parser.add_argument("--pairwise", action="store_true", help="CLIP's own pairwise targets, not label-aware ones")

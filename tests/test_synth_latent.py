@@ -70,17 +70,13 @@ def tiny_base(folder, seed: int = 0):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def offline_on_one_thread():
-    """Nothing here may reach the network (the base model is never fetched; conftest sets HF_HUB_OFFLINE too).
-    One thread: on a shared 2-core machine two threads contending over these tiny tensors run ~100x slower."""
+def offline():
+    """Nothing here may reach the network (the base model is never fetched; conftest sets HF_HUB_OFFLINE too)."""
     def refuse(*args, **kwargs):
         raise OSError("network access attempted in an offline test")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", refuse)
         yield
-    torch.set_num_threads(threads)
 
 
 def _config(root, **changes) -> SynthTrainConfig:
