@@ -1,6 +1,7 @@
 """Federation: FedAvg arithmetic, screening of bad replies, robust aggregation, the sites' local work, and a whole
 simulated run whose every message is inspected for anything but weights and aggregate metrics."""
 
+import json
 import sys
 
 import cloudpickle
@@ -199,6 +200,15 @@ def assert_one_line_config_errors(path, problems: list[tuple[list[str], str]]) -
         with pytest.raises(RetfmError) as error:
             load_config(FederatedConfig, path, sets=sets)
         assert expected in str(error.value) and "\n" not in str(error.value), (sets, str(error.value))
+
+
+def test_pretrain_options_naming_data_or_adapters_are_one_line_errors(tmp_path):
+    path = tmp_path / "federated.yaml"
+    path.write_text(json.dumps({"data": "cohort", "pretrain": {"objective": "token-reconstruction",
+                                                              "model": "tiny-vit"}}))
+    assert_one_line_config_errors(path, [
+        (["pretrain.data=[x]"], "pretrain.data: the data come from the federation's sites"),
+        (["pretrain.lora={rank: 4}"], "pretrain.lora: a federation's adapters are set by transfer_params")])
 
 
 def assert_only_weights_and_aggregates(messages, cohort, weights: dict, labels=("glaucoma",)) -> None:

@@ -182,3 +182,17 @@ def test_a_lora_fp16_dp_run_sends_only_adapters_and_head_and_merges_them_at_the_
     assert merged.keys() == base.keys()
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed == {"blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"}  # LoRA merged; the rest is frozen
+
+
+def test_a_coordinator_stopped_after_a_round_resumes_to_the_uninterrupted_result(cohort, tmp_path):
+    """Round checkpoints: two rounds, then --resume to three, ends bit for bit where three rounds in one go end
+    (FedAdam: its moments resume too; replies are aggregated in site order, whatever order they arrive in)."""
+    config = _config(cohort, rounds=3, strategy="fedadam")
+    sites = resolve_sites(config)
+    whole = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path / "whole")
+    first = config.model_copy(update={"rounds": 2})
+    coordinate(InProcessGrid(client_app(sites, first), len(sites)), first, len(sites), tmp_path / "cut")
+    resumed = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path / "cut",
+                         resume=True)
+    assert [entry["round"] for entry in resumed["history"]] == [1, 2, 3]
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])

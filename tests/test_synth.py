@@ -160,16 +160,7 @@ def test_audit_flags_copies_of_training_images_and_not_the_generator(cohort, tmp
     assert not normal["memorisation"]["flagged"] and normal["memorisation"]["near_copies"] == 0
 
     # A "generator" that hands back its training images, as a memorising one would.
-    train_rows = real.split("train").table.head(8)
-    copies = tmp_path / "copies"
-    (copies / "images").mkdir(parents=True)
-    for path in train_rows["path"]:
-        shutil.copy(real.root / path, copies / "images" / path.split("/")[-1])
-    Manifest(pd.DataFrame({"image_id": [f"copy{i}" for i in range(8)],
-                           "path": ["images/" + p.split("/")[-1] for p in train_rows["path"]],
-                           "site": "synthetic", "split": "train", "synthetic": True,
-                           "dr_grade": train_rows["dr_grade"].to_numpy(), "generator_id": card["generator_id"],
-                           "generator_sha256": card["weights_sha256"]}), copies).write()
+    copies = _as_synthetic(real, real.split("train").table.head(8), card, tmp_path / "copies")
     copied = audit(generator, cohort / "real", copies, tmp_path / "copy_audit", config)
     memorised = copied["memorisation"]
     assert memorised["flagged"] and memorised["near_copies"] == 8 and memorised["synthetic_to_real_min"] < 1e-6
@@ -183,6 +174,40 @@ def test_audit_flags_copies_of_training_images_and_not_the_generator(cohort, tmp
 
     with pytest.raises(RetfmError, match="not from"):
         audit(generator, cohort / "real", cohort / "real", tmp_path / "x", config)
+
+
+def _as_synthetic(real: Manifest, rows: pd.DataFrame, card: dict, folder, side: int | None = None):
+    """``rows``' real images posing as ``card``'s generator's samples; ``side``: drawn at that size."""
+    (folder / "images").mkdir(parents=True)
+    for path in rows["path"]:
+        image = Image.open(real.root / path)
+        if side:
+            image = image.resize((side, side), Image.BILINEAR)
+        image.save(folder / "images" / path.split("/")[-1])
+    Manifest(pd.DataFrame({"image_id": [f"copy{i}" for i in range(len(rows))],
+                           "path": ["images/" + p.split("/")[-1] for p in rows["path"]],
+                           "site": "synthetic", "split": "train", "synthetic": True,
+                           "dr_grade": rows["dr_grade"].to_numpy(), "generator_id": card["generator_id"],
+                           "generator_sha256": card["weights_sha256"]}), folder).write()
+    return folder
+
+
+def test_real_and_synthetic_images_are_compared_at_the_generators_size(cohort, tmp_path):
+    """Training images at the generator's 16 px are copies, although the real ones are stored at 32 px; and a
+    generator of one label value gets a note instead of a label-fidelity score."""
+    generator, real = cohort / "generator", Manifest.read(cohort / "real")
+    card = json.loads((generator / "generator.json").read_text())
+    small = _as_synthetic(real, real.split("train").table.head(6), card, tmp_path / "small", side=16)
+    result = audit(generator, cohort / "real", small, tmp_path / "audit", SynthAuditConfig(model="pixels",
+                                                                                           pixel_size=16))
+    assert result["encoder"]["images_at"] == 16 and result["memorisation"]["near_copies"] == 6
+
+    single = tmp_path / "single"
+    shutil.copytree(generator, single)
+    (single / "generator.json").write_text(json.dumps({**card, "conditions": {**card["conditions"],
+                                                                             "dr_grade": [0]}}))
+    fidelity = audit(single, cohort / "real", small, tmp_path / "audit1", SynthAuditConfig(model="pixels"))
+    assert fidelity["label_fidelity"] == {"note": "the generator knows one dr_grade value only: no label to tell apart"}
 
 
 def test_a_sites_generator_learns_from_and_is_audited_against_that_site_only(cohort, tmp_path):

@@ -164,3 +164,22 @@ def test_a_convolutional_model_is_an_image_tower_but_not_a_masked_model(tmp_path
     for masked in ("mae", "token-reconstruction"):
         with pytest.raises(RetfmError, match="needs a ViT"):
             build_model(PretrainConfig(objective=masked, data=["unused"], model="cnn-demo"))
+
+
+def test_a_lora_tuned_image_tower_trains_its_adapters_and_is_saved_merged(trained, tmp_path):
+    from retfm.pretrain.trainer import build_model
+
+    root, _ = trained
+    config = PretrainConfig(objective="clip", data=[str(root / "data")], model="tiny-vit", steps=3, batch_size=16,
+                            workers=0, blr=0.01, warmup_steps=1, objective_options=TINY_TEXT,
+                            lora={"rank": 4, "targets": ["qkv"]})
+    pretrain(config, tmp_path / "run")
+    torch.manual_seed(config.seed)
+    _, initial = build_model(config.model_copy(update={"lora": None}))
+    start, saved = initial.backbone.state_dict(), load_file(tmp_path / "run" / "model.safetensors")
+    assert saved.keys() == start.keys()  # a plain model: the adapters are merged in
+    frozen = [k for k in start if ".qkv." not in k]
+    assert all(torch.equal(saved[k], start[k]) for k in frozen)
+    assert not torch.equal(saved["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+    model, _ = load_clip(tmp_path / "run")  # the whole image-text model loads with the merged tower
+    assert all(torch.equal(model.backbone.state_dict()[k], saved[k]) for k in saved)

@@ -97,6 +97,17 @@ class ProbeConfig(BaseModel):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
+class LoraOptions(BaseModel):
+    """LoRA adapters on a backbone (peft), as ``retfm finetune``'s lora_* options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(["qkv"], min_length=1, description="backbone module names that get adapters")
+
+
 class PretrainConfig(BaseModel):
     """Options of ``retfm pretrain`` (see docs/pretrain.md)."""
 
@@ -116,6 +127,9 @@ class PretrainConfig(BaseModel):
                                                    "student's initial weights)")
     image_size: int | None = Field(None, ge=16, description="default: the model's input size")
     objective_options: dict = Field(default_factory=dict, description="keyword arguments of the objective")
+    lora: LoraOptions | None = Field(None, description="train LoRA adapters of the backbone, its own weights frozen "
+                                                      "(e.g. a pretrained image tower for clip); merged into the "
+                                                      "saved model")
     steps: int = Field(1000, ge=1, description="optimiser steps")
     batch_size: int = Field(64, ge=1, description="images per micro-batch")
     accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step")
@@ -425,17 +439,6 @@ class FederatedPrivacy(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta); below 1/sites")
 
 
-class FederatedLora(BaseModel):
-    """The LoRA adapters of ``transfer_params: lora`` (as ``retfm finetune``'s lora_* options)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] = Field(["qkv"], min_length=1, description="backbone module names that get adapters")
-
-
 class FederatedConfig(BaseModel):
     """Options of ``retfm federated run`` (see docs/federated.md)."""
 
@@ -467,7 +470,7 @@ class FederatedConfig(BaseModel):
     transfer_params: Literal["full", "lora"] = Field("full", description="full: every trainable weight travels; "
                                                      "lora: the backbone stays frozen at the shared start, only "
                                                      "LoRA adapters and the objective's head train and travel")
-    lora: FederatedLora = Field(default_factory=FederatedLora, description="adapters of transfer_params: lora")
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="adapters of transfer_params: lora")
     dp: FederatedPrivacy | None = Field(None, description="site-level differential privacy (null: off)")
     max_abs_weight: float = Field(1e4, gt=0, description="a reply with a weight beyond this (or NaN/Inf) is "
                                                          "rejected before aggregation")
@@ -480,6 +483,8 @@ class FederatedConfig(BaseModel):
         if value is None:
             return value
         _refuse_site_data("pretrain", value, {"data", "sites"})
+        if value.get("lora") is not None:
+            raise ValueError("pretrain.lora: a federation's adapters are set by transfer_params: lora and lora:")
         PretrainConfig.model_validate({**value, "data": ["site"]})
         return value
 
@@ -570,7 +575,7 @@ class FederatedConfig(BaseModel):
             return {"conditions": self.synth_conditions()}
         return {"classes": self.classes()} if self.task == "finetune" else {"lora": self.lora_options()}
 
-    def lora_options(self) -> FederatedLora | None:
+    def lora_options(self) -> LoraOptions | None:
         """The adapters when only LoRA weights travel, else None."""
         return self.lora if self.transfer_params == "lora" else None
 

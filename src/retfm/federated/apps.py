@@ -162,6 +162,7 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
         replies, sent, received = exchange(strategy.configure_train(
             server_round, arrays, ConfigRecord({"local-steps": config.local_steps}), grid))
         accepted, rejected = screen(replies, config.max_abs_weight)
+        accepted.sort(key=_site)  # replies arrive in any order: summed in one, a run's result is reproducible
         entry = {"round": server_round, "train": {_site(r): dict(r.content["metrics"]) for r in accepted},
                  "profile": {_site(r): dict(r.content["profile"]) for r in accepted if "profile" in r.content},
                  "rejected": rejected, "bytes_sent": sent, "bytes_received": received}

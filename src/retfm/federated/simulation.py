@@ -24,9 +24,10 @@ from retfm.errors import RetfmError
 from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
 from retfm.adapt.finetune import save_classifier
 from retfm.adapt.predictions import resolve_task
-from retfm.federated.task import MIN_CELL, Site, load_shared, plain_backbone, seeded_classifier, seeded_model
+from retfm.federated.task import MIN_CELL, Site, load_shared, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
 from retfm.synth import train as synth
+from retfm.pretrain.trainer import merged
 
 MODEL_FILENAME = "model.safetensors"
 
@@ -113,7 +114,7 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
     else:
         spec, model = seeded_model(local, config.lora_options())
         load_shared(model, saved["weights"], coordinator)
-        save_checkpoint(plain_backbone(model), spec, out / MODEL_FILENAME,
+        save_checkpoint(merged(model.backbone), spec, out / MODEL_FILENAME,
                         name=f"{spec.name}-federated-{local.objective}",
                         description=f"{spec.name} pretrained {description}", objective=local.objective, **card)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

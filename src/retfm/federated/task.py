@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from retfm.adapt import finetune as recipe
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.config import FederatedConfig, FederatedLora, FinetuneConfig, PretrainConfig, SynthTrainConfig
+from retfm.config import FederatedConfig, LoraOptions, FinetuneConfig, PretrainConfig, SynthTrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
@@ -44,7 +44,8 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
 from retfm.models import ModelSpec
 from retfm.pretrain.sampling import BatchShard
-from retfm.pretrain.trainer import MixedData, build_model, build_optimiser, mixed_precision, optimiser_step
+from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, merged, mixed_precision,
+                                    optimiser_step, with_lora)
 from retfm.synth import train as synth
 
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
@@ -116,7 +117,7 @@ def start_weights(config: FederatedConfig) -> Weights:
     return initial_weights(config.pretrain_config(), config.lora_options())[1]
 
 
-def initial_weights(config: PretrainConfig, lora: FederatedLora | None = None) -> tuple[ModelSpec, Weights]:
+def initial_weights(config: PretrainConfig, lora: LoraOptions | None = None) -> tuple[ModelSpec, Weights]:
     """The spec and the shared weights every federation starts from (``config.init`` or the seed's draw)."""
     spec, objective = seeded_model(config, lora)
     return spec, shared_state(objective)
@@ -129,7 +130,7 @@ def shared_state(objective: torch.nn.Module) -> Weights:
 
 
 def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainConfig, server_round: int = 1,
-                   proximal_mu: float = 0.0, lora: FederatedLora | None = None) -> tuple[Weights, dict[str, float]]:
+                   proximal_mu: float = 0.0, lora: LoraOptions | None = None) -> tuple[Weights, dict[str, float]]:
     """``steps`` optimiser steps of ``config.objective`` on the site's train split, from ``weights``. A fresh
     AdamW at a constant learning rate (``blr * images per step / 256``) each round; ``proximal_mu`` > 0 adds
     FedProx's proximal term mu/2 ||w - w_global||^2; ``lora``: the backbone wears these adapters. Returns the new
@@ -309,7 +310,7 @@ def _proximal_term(objective: torch.nn.Module, mu: float) -> Callable[[], torch.
 
 
 def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainConfig, classes: list | None = None,
-                   batch_size: int = 32, lora: FederatedLora | None = None) -> dict[str, float]:
+                   batch_size: int = 32, lora: LoraOptions | None = None) -> dict[str, float]:
     """Probe the global backbone at one site: embed its labelled images, fit a logistic-regression head on the
     train split (C chosen on val, or on 15% of the training patients), evaluate on the test split. ``classes``:
     the label's classes across the federation (default: those seen at the site). Returns counts and metrics
@@ -363,22 +364,14 @@ def load_shared(objective: torch.nn.Module, weights: Weights, site: Site) -> Non
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def seeded_model(config: PretrainConfig, lora: FederatedLora | None = None) -> tuple[ModelSpec, torch.nn.Module]:
+def seeded_model(config: PretrainConfig, lora: LoraOptions | None = None) -> tuple[ModelSpec, torch.nn.Module]:
     """The run's model as ``retfm pretrain`` builds it from the seed: the same initial draw at every site. With
     ``lora`` the backbone is wrapped by peft with adapters (drawn from the same seed) and frozen; the objective's
     own head (MAE decoder, token-reconstruction projector and mask token) stays trainable."""
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         spec, objective = build_model(config)
-        if lora is not None:
-            objective.backbone = recipe.add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        return spec, objective
-
-
-def plain_backbone(objective: torch.nn.Module) -> torch.nn.Module:
-    """The objective's backbone as a plain timm model: LoRA adapters, if any, merged into the base weights."""
-    backbone = objective.backbone
-    return backbone.merge_and_unload() if hasattr(backbone, "merge_and_unload") else backbone
+        return spec, with_lora(objective, lora)
 
 
 def _seed(seed: int, site: str, server_round: int) -> int:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
-from retfm.config import PretrainConfig, save_config
+from retfm.config import LoraOptions, PretrainConfig, save_config
 from retfm.data.datasets import EpochIndexed, ManifestDataset, Preprocessing, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
@@ -141,7 +141,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
 
     if tensorboard is not None:
         tensorboard.close()
-    final = ema.module if ema is not None else objective.backbone
+    final = merged(ema.module if ema is not None else objective.backbone)
     if shard.world > 1:
         torch.distributed.destroy_process_group()
     card = {
@@ -393,7 +393,22 @@ def build_model(config: PretrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
         patch = backbone.patch_embed.patch_size[0]
         if size % patch:
             raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
-    return spec, build_objective(config, backbone)
+    return spec, with_lora(build_objective(config, backbone), config.lora)
+
+
+def with_lora(objective: torch.nn.Module, lora: LoraOptions | None) -> torch.nn.Module:
+    """``objective`` with its backbone wrapped by peft: LoRA adapters (drawn from torch's global RNG) train, the
+    backbone's own weights are frozen; the objective's other parts (decoder, projector, text tower) still train."""
+    if lora is not None:
+        from retfm.adapt.finetune import add_lora
+
+        objective.backbone = add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
+    return objective
+
+
+def merged(backbone: torch.nn.Module) -> torch.nn.Module:
+    """A backbone as a plain timm model: LoRA adapters, if any, merged into its weights."""
+    return backbone.merge_and_unload() if hasattr(backbone, "merge_and_unload") else backbone
 
 
 def mixed_precision(config: PretrainConfig, device: torch.device) -> tuple[torch.amp.GradScaler, torch.autocast]:

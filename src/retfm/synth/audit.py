@@ -163,6 +163,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
 def label_fidelity(real_features, real_table, training, fake_features, fake_labels, label, classes, seed) -> dict:
     """Train a logistic head on real features (C chosen on the real val split, or on a quarter of the training
     images when there is none), then predict the synthetic images' conditioned labels."""
+    if len(classes) < 2:
+        return {"note": f"the generator knows one {label} value only: no label to tell apart"}
     index = {value: i for i, value in enumerate(classes)}
     known = real_table[label].notna().to_numpy() & real_table[label].isin(classes).to_numpy()
     y_real = np.array([index.get(v, -1) if k else -1 for v, k in zip(real_table[label].tolist(), known)])
