@@ -483,8 +483,7 @@ class FederatedConfig(BaseModel):
         if value is None:
             return value
         _refuse_site_data("pretrain", value, {"data", "sites"})
-        if value.get("lora") is not None:
-            raise ValueError("pretrain.lora: a federation's adapters are set by transfer_params: lora and lora:")
+        _refuse_option("pretrain", value, "lora", "a federation's adapters are set by transfer_params: lora and lora:")
         PretrainConfig.model_validate({**value, "data": ["site"]})
         return value
 
@@ -507,9 +506,8 @@ class FederatedConfig(BaseModel):
         if value is None:
             return value
         _refuse_site_data("synth", value, {"data", "sites"})
-        if value.get("base_model") is not None:
-            raise ValueError("synth.base_model: federated training of a LoRA generator is not built; each site can "
-                             "train its own with retfm synth train --set base_model=...")
+        _refuse_option("synth", value, "base_model", "federated training of a LoRA generator is not built; each "
+                       "site can train its own with retfm synth train --set base_model=...")
         options = SynthTrainConfig.model_validate({**_without_classes(value), "data": "site"})
         _synth_conditions(options, value.get("classes"))
         return value
@@ -586,6 +584,12 @@ def _refuse_site_data(block: str, options: dict, keys: set[str]) -> None:
     if given:
         raise ValueError(f"{block}.{f', {block}.'.join(given)}: the data come from the federation's sites; "
                          "leave them out")
+
+
+def _refuse_option(block: str, options: dict, key: str, reason: str) -> None:
+    """A task option a federation does not take."""
+    if options.get(key) is not None:
+        raise ValueError(f"{block}.{key}: {reason}")
 
 
 def _without_classes(options: dict) -> dict:

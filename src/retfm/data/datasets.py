@@ -7,14 +7,15 @@ resumed run repeats an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from retfm.data.manifest import GROUP_COLUMNS, Manifest
@@ -105,11 +106,9 @@ class ManifestDataset(Dataset):
         return item
 
 
-class EpochIndexed(Dataset):
-    """``dataset`` (anything with ``set_epoch``) addressed by position ``epoch * len(dataset) + index``, so that a
-    sampler can run across epochs and one DataLoader, with its worker processes, serves a whole run instead of one
-    per epoch (with a few images an epoch is a step or two). Items are still augmented as (seed, epoch, index) say,
-    and carry their ``"position"``."""
+class _EpochIndexed(Dataset):
+    """``dataset`` (anything with ``set_epoch``) addressed by position ``epoch * len(dataset) + index``; items are
+    augmented as (seed, epoch, index) say and carry their ``"position"``."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -121,6 +120,31 @@ class EpochIndexed(Dataset):
         epoch, index = divmod(int(position), len(self.dataset))
         self.dataset.set_epoch(epoch)
         return {**self.dataset[index], "position": int(position)}
+
+
+def run_batches(dataset, epoch_order: Callable[[int], np.ndarray], epoch: int, batch_in_epoch: int,
+                batch_size: int, workers: int, seed: int) -> Iterator[tuple[dict, int, int]]:
+    """Yield (batch, epoch, batches done in that epoch) forever from a saved position, through one DataLoader (and
+    its worker processes) for the whole run instead of one per epoch: with a few images an epoch is a step or two.
+    ``epoch_order(e)``: the indices of ``dataset`` read in epoch ``e``, whole batches only, so that no batch
+    straddles two epochs. Each batch also holds the ``"index"`` of its items. The loader's generator is seeded, so
+    torch's global RNG is left as it was (an exact resume depends on it)."""
+    count = len(dataset)
+
+    def positions():
+        start = batch_in_epoch * batch_size
+        for run_epoch in itertools.count(epoch):
+            yield from (run_epoch * count + epoch_order(run_epoch)[start:]).tolist()
+            start = 0
+
+    loader = DataLoader(_EpochIndexed(dataset), batch_size=batch_size, sampler=positions(), num_workers=workers,
+                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    done = (epoch, batch_in_epoch)
+    for batch in loader:
+        position = batch.pop("position")
+        batch_epoch, batch["index"] = int(position[0]) // count, position % count
+        done = (batch_epoch, done[1] + 1 if batch_epoch == done[0] else 1)
+        yield batch, *done
 
 
 def apply_seeded(transform, image, seed: int | None, *keys: int):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
 from retfm.config import LoraOptions, PretrainConfig, save_config
-from retfm.data.datasets import EpochIndexed, ManifestDataset, Preprocessing, train_transform
+from retfm.data.datasets import ManifestDataset, Preprocessing, run_batches, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
 from retfm.errors import RetfmError
@@ -317,23 +316,13 @@ class MixedData:
         global_batch = batch_size * shard.world
         if global_batch > self.epoch_size:
             raise RetfmError(f"batch size {global_batch} is larger than the data ({self.epoch_size} images)")
-        data = _Concat(self.datasets, self.offsets)
 
-        def positions():  # this process's rows of every global batch, from the saved position on
-            start = batch_in_epoch * batch_size
-            for epoch_now in itertools.count(epoch):
-                whole = self.order(epoch_now)[: self.epoch_size // global_batch * global_batch]  # whole batches
-                mine = whole.reshape(-1, shard.world, batch_size)[:, shard.rank].ravel()
-                yield from (epoch_now * len(data) + mine[start:]).tolist()
-                start = 0
+        def mine(epoch_now: int) -> np.ndarray:  # this process's rows of every whole global batch
+            whole = self.order(epoch_now)[: self.epoch_size // global_batch * global_batch]
+            return whole.reshape(-1, shard.world, batch_size)[:, shard.rank].ravel()
 
-        loader = DataLoader(EpochIndexed(data), batch_size=batch_size, sampler=positions(), num_workers=workers,
-                            drop_last=True, generator=torch.Generator().manual_seed(self.seed))  # not torch's RNG
-        done = (epoch, batch_in_epoch)
-        for batch in loader:  # batches never straddle epochs: an epoch is whole batches
-            batch_epoch = int(batch.pop("position")[0]) // len(data)
-            done = (batch_epoch, done[1] + 1 if batch_epoch == done[0] else 1)
-            yield batch, *done
+        yield from run_batches(_Concat(self.datasets, self.offsets), mine, epoch, batch_in_epoch, batch_size,
+                               workers, self.seed)
 
     def summary(self) -> list[dict]:
         return self.sources

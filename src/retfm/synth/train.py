@@ -22,7 +22,6 @@ summary, weights hash) is all a site needs to share; no image leaves with it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable
@@ -30,13 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 from retfm import __version__
 from retfm.config import SynthTrainConfig, save_config
-from retfm.data.datasets import EpochIndexed, ManifestDataset
+from retfm.data.datasets import ManifestDataset, run_batches
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
@@ -352,23 +350,15 @@ class ConditionedImages:
     def batches(self, epoch: int, batch_in_epoch: int):
         """Yield (images, class indices, epoch, batches done in that epoch) forever from a saved position, through
         one DataLoader for the whole run."""
-        size, count = self.config.batch_size, len(self.table)
+        size = self.config.batch_size
 
-        def positions():
-            start = batch_in_epoch * size
-            for run_epoch in itertools.count(epoch):
-                order = self.order(run_epoch)
-                yield from (run_epoch * count + order[start: len(order) // size * size]).tolist()
-                start = 0
+        def whole_batches(run_epoch: int) -> np.ndarray:
+            order = self.order(run_epoch)
+            return order[: len(order) // size * size]
 
-        loader = DataLoader(EpochIndexed(self.dataset), batch_size=size, sampler=positions(),
-                            num_workers=self.config.workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(self.config.seed))  # not torch's global RNG
-        done = (epoch, batch_in_epoch)
-        for batch in loader:  # batches never straddle epochs: an epoch is whole batches
-            batch_epoch, index = np.divmod(batch["position"].numpy(), count)
-            done = (int(batch_epoch[0]), done[1] + 1 if batch_epoch[0] == done[0] else 1)
-            yield batch["image"], self.classes[index], *done
+        for batch, *done in run_batches(self.dataset, whole_batches, epoch, batch_in_epoch, size,
+                                        self.config.workers, self.config.seed):
+            yield batch["image"], self.classes[batch["index"]], *done
 
 
 def _manifest_file(path: str) -> Path:
