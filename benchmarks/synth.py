@@ -3,7 +3,7 @@
 1. train a generator conditioned on referable DR (dr_grade >= 2) at 32 px and sample from it; audit label
    fidelity, fidelity and memorisation in two feature spaces: ``cnn-demo`` with random weights (no pretrained
    retinal encoder is available offline; a random small ResNet's features still separate referable DR at 32 px:
-   docs/models.md) and 16 px pixels;
+   docs/models.md) and 16 px pixels; then label fidelity at guidance 1 and 3 besides the default 2;
 2. train a deliberately overfitted generator on 4 images until it copies them; the same audit must flag it;
 3. two-stage MAE pretraining (synthetic, then real) against real-only pretraining; a logistic probe of
    referable DR on each encoder's frozen features of real images.
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="generator image size")
     parser.add_argument("--overfit-steps", type=int, default=4000)
     parser.add_argument("--n", type=int, default=120, help="synthetic images sampled")
+    parser.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"])
+    parser.add_argument("--noise-schedule", default="squaredcos_cap_v2", choices=["squaredcos_cap_v2", "linear"])
     parser.add_argument("--generator", type=Path, help="reuse a generator trained on this cohort with the settings "
                                                         "below (skips that training, e.g. on a busy machine)")
     parser.add_argument("--pretrain-steps", type=int, default=60)
@@ -63,7 +65,8 @@ def main() -> None:
     config = SynthTrainConfig(data=str(out / "real"), label=LABEL, size=args.size,
                               block_out_channels=(32, 64, 64) if args.size >= 32 else (32, 64),
                               steps=args.steps, batch_size=32, lr=2e-3, warmup_steps=20, workers=0,
-                              checkpoint_every=500, log_every=50)
+                              checkpoint_every=500, log_every=50, prediction=args.prediction,
+                              noise_schedule=args.noise_schedule)
     if args.generator:
         shutil.copytree(args.generator, out / "generator")
         card = json.loads((out / "generator" / "generator.json").read_text())
@@ -75,7 +78,7 @@ def main() -> None:
                             "cpu_minutes": round(card["compute"]["device_hours"] * 60, 2),
                             "loss_first_logged": losses[0], "loss_last_logged": losses[-1]}
     started = time.perf_counter()
-    sampling = SynthSampleConfig(n=args.n, labels=f"{LABEL}=0:0.5,1:0.5", inference_steps=20, guidance=2.0,
+    sampling = SynthSampleConfig(n=args.n, labels=f"{LABEL}=0:0.5,1:0.5", inference_steps=50, guidance=2.0,
                                  batch_size=40)
     sample(out / "generator", out / "synthetic", sampling)
     results["sampling_minutes"] = round((time.perf_counter() - started) / 60, 2)
@@ -84,7 +87,12 @@ def main() -> None:
               "pixels": SynthAuditConfig(model="pixels", pixel_size=16)}
     results["audit_normal"] = {name: _summary(audit(out / "generator", out / "real", out / "synthetic",
                                                     out / f"audit-{name}", space)) for name, space in spaces.items()}
-
+    # how guidance trades label fidelity against fidelity, in the space that sees disease signs
+    for guidance in (1.0, 3.0):
+        name = f"guidance{guidance:g}"
+        sample(out / "generator", out / f"synthetic_{name}", sampling.model_copy(update={"guidance": guidance}))
+        results[f"audit_{name}"] = _summary(audit(out / "generator", out / "real", out / f"synthetic_{name}",
+                                                  out / f"audit_{name}", spaces["cnn-demo"]))
     _save(out, results)
 
     # 2. a generator that copies: 4 training images (2 per label value) at 16 px, each seen 8 times per batch at

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retfm.adapt.finetune import finetune, predict
+from retfm.adapt.finetune import add_lora, finetune, predict
 from retfm.config import FinetuneConfig
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
@@ -77,6 +77,14 @@ def test_lora_and_linear_leave_the_backbone_as_it_was(bright_or_dark, tmp_path):
             assert moved == []
         else:  # LoRA merged into the attention projections it adapted, and nowhere else
             assert moved and all(".attn.qkv." in k for k in moved)
+
+
+def test_a_lora_target_that_is_a_container_is_refused_in_one_line():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    with pytest.raises(RetfmError) as refused:
+        add_lora(model, rank=2, alpha=2, dropout=0.0, targets=["1"])
+    assert str(refused.value) == ("LoRA: targets 1 name a Sequential, which LoRA cannot adapt: name its Linear or "
+                                  "Conv layers (e.g. qkv, proj)")
 
 
 def test_an_interrupted_run_resumes_to_the_same_model(bright_or_dark, tmp_path):

@@ -22,7 +22,7 @@ from retfm.pretrain.trainer import pretrain
 from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
 from retfm.synth.audit import audit, frechet_distance, precision_recall
 from retfm.synth.sample import assign_conditions, parse_shares, sample
-from retfm.synth.train import WEIGHTS_FILENAME, log_losses, train
+from retfm.synth.train import WEIGHTS_FILENAME, load_generator, log_losses, train
 
 STEPS = 40
 
@@ -80,6 +80,16 @@ def test_resumed_training_ends_with_the_same_weights(cohort, tmp_path):
     resumed = load_file(tmp_path / "cut" / "unet" / WEIGHTS_FILENAME)
     assert all(whole[k].equal(resumed[k]) for k in whole)  # bit for bit (EMA weights)
     assert log_losses(tmp_path / "whole") == log_losses(tmp_path / "cut")
+
+
+def test_the_prediction_and_noise_schedule_travel_with_the_generator(cohort, tmp_path):
+    default, _ = load_generator(cohort / "generator", None)
+    assert (default.scheduler.config.prediction_type, default.scheduler.config.beta_schedule) == \
+        ("v_prediction", "squaredcos_cap_v2")
+    train(_config(cohort / "real", steps=2, prediction="epsilon", noise_schedule="linear"), tmp_path / "eps")
+    chosen, _ = load_generator(tmp_path / "eps", None)
+    assert (chosen.scheduler.config.prediction_type, chosen.scheduler.config.beta_schedule) == ("epsilon", "linear")
+    assert sample(tmp_path / "eps", tmp_path / "drawn", _sampling(n=2))["generated_now"] == 2
 
 
 def test_sampling_is_reproducible_resumable_and_guided(cohort, tmp_path):

@@ -187,6 +187,12 @@ class SynthTrainConfig(BaseModel):
     norm_groups: int = Field(8, ge=1, description="pixel UNet: GroupNorm groups (divides every channel count)")
     train_timesteps: int = Field(1000, ge=10, description="pixel UNet: DDPM noise levels (base_model: its own "
                                                           "scheduler's)")
+    prediction: Literal["v_prediction", "epsilon"] = Field(
+        "v_prediction", description="pixel UNet: what the network predicts, the velocity (Salimans & Ho 2022) or "
+                                    "the noise (DDPM); base_model: its own scheduler's")
+    noise_schedule: Literal["squaredcos_cap_v2", "linear"] = Field(
+        "squaredcos_cap_v2", description="pixel UNet: the cosine schedule (Nichol & Dhariwal 2021) or DDPM's "
+                                         "linear betas")
     cond_drop: float = Field(0.1, ge=0, lt=1, description="share of training images shown with the null class "
                                                            "(base_model: the empty prompt), which "
                                                            "classifier-free guidance needs")

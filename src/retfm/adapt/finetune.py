@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -326,7 +327,12 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, ta
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
-        raise RetfmError(f"LoRA: {exc}".splitlines()[0]) from None
+        message = " ".join(str(exc).split())  # peft's text may hold a module's many-line repr
+        unsupported = re.match(r"Target module (\w+)\(.*\) is not supported", message)
+        if unsupported:
+            message = (f"targets {', '.join(targets)} name a {unsupported[1]}, which LoRA cannot adapt: name its "
+                       "Linear or Conv layers (e.g. qkv, proj)")
+        raise RetfmError(f"LoRA: {message}") from None
 
 
 @torch.inference_mode()

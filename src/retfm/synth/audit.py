@@ -1,8 +1,9 @@
 """``retfm synth audit``: is a generator's output faithful, labelled as asked, and not a copy of its training data?
 
 Everything is measured in one encoder's feature space (any registry model or retfm checkpoint; Inception is
-neither retinal nor available offline). With random weights (tests) the numbers only show that the code works;
-real audits need a pretrained retinal encoder.
+neither retinal nor available offline). With random weights the space carries disease signs only where the
+network's architecture brings them out (a random small ResNet on phantoms, not a random ViT): the label head's
+accuracy on held-out real images says how far; real audits need a pretrained retinal encoder.
 
 With ``--model pixels`` the space is the images shrunk to a few pixels a side: no encoder needed, and
 near-copies and colour/lesion-load differences show, but anatomy and fine signs do not.
@@ -121,7 +122,8 @@ class Encoder:
             self.model = create(config.model, weights=config.weights).eval().to(self.device)
             self.transform = eval_transform(preprocessing(spec))
             self.description = {"model": spec.name, "weights": config.weights or "published",
-                                "note": "random weights: numbers check the code only" if config.weights == "random"
+                                "note": "random weights: the space tells the label apart only as well as "
+                                        "label_fidelity.real_heldout_accuracy shows" if config.weights == "random"
                                 else ""}
         if at_size is not None:
             self.transform = v2.Compose([v2.Resize((at_size, at_size), antialias=True), self.transform])

@@ -177,7 +177,8 @@ def build_denoiser(config: SynthTrainConfig, conditions: Conditions):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         unet = build_unet(config, conditions.null + 1)
-    return unet, DDPMScheduler(num_train_timesteps=config.train_timesteps)
+    return unet, DDPMScheduler(num_train_timesteps=config.train_timesteps, beta_schedule=config.noise_schedule,
+                               prediction_type=config.prediction)
 
 
 def build_optimiser(unet, config: SynthTrainConfig) -> torch.optim.Optimizer:
