@@ -132,6 +132,7 @@ def _summary(result: dict) -> dict:
     return {"frechet_distance": round(result["fidelity"]["frechet_distance"], 3),
             "precision": result["fidelity"]["precision"], "recall": result["fidelity"]["recall"],
             **{f"label_{k}": round(v, 3) for k, v in labels.items() if isinstance(v, float)},
+            "label_accuracy_ci95": [round(v, 3) for v in labels.get("accuracy_ci95", [])],
             "near_copies": m["near_copies"], "near_copy_share": round(m["near_copy_share"], 3),
             "flagged": m["flagged"], "real_to_real_median": round(m["real_to_real_median"], 3),
             "synthetic_to_real_median": round(m["synthetic_to_real_median"], 3)}

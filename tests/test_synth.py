@@ -20,7 +20,7 @@ from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.pretrain.trainer import pretrain
 from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
-from retfm.synth.audit import audit, frechet_distance, precision_recall
+from retfm.synth.audit import audit, frechet_distance, label_fidelity, precision_recall
 from retfm.synth.sample import assign_conditions, parse_shares, sample
 from retfm.synth.train import WEIGHTS_FILENAME, load_generator, log_losses, train
 
@@ -159,6 +159,24 @@ def test_frechet_distance_and_precision_recall_match_their_definitions():
     assert inside["precision"] == 1.0 and 0.5 <= inside["recall"] < 1.0  # half the real set, so less recall
     far = precision_recall(real, real + 100, k=3)
     assert far["precision"] == 0.0 and far["recall"] == 0.0
+
+
+def test_label_fidelity_counts_agreement_with_the_condition_and_its_wilson_interval():
+    rng = np.random.default_rng(0)
+    # real images: the label is the sign of the first feature; 40 to fit on, 20 held out (val)
+    y_real = np.array([0, 1] * 30)
+    real = np.c_[np.where(y_real == 1, 3.0, -3.0) + rng.normal(0, 0.5, 60), rng.normal(0, 1, 60)]
+    table = pd.DataFrame({"referable": y_real, "split": ["train"] * 40 + ["val"] * 20})
+    # 20 synthetic images conditioned on 1: 17 show the sign, 3 do not
+    fake = np.c_[[3.0] * 17 + [-3.0] * 3, np.zeros(20)]
+    result = label_fidelity(real, table, (table["split"] == "train").to_numpy(), fake, [1] * 20, "referable",
+                            [0, 1], seed=0)
+    assert result["accuracy"] == 17 / 20 and result["real_heldout_accuracy"] == 1.0
+    assert result["confusion"] == [[0, 0], [3, 17]] and result["kappa"] == pytest.approx(0)  # one class asked for
+    z, n, p = 1.959963985, 20, 17 / 20
+    shrink = 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / shrink, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / shrink
+    assert result["accuracy_ci95"] == pytest.approx([centre - half, centre + half], abs=1e-6)
 
 
 def test_audit_flags_copies_of_training_images_and_not_the_generator(cohort, tmp_path):

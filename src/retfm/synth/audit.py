@@ -13,9 +13,9 @@ near-copies and colour/lesion-load differences show, but anatomy and fine signs 
   the share of synthetic images inside some real image's ball (radius: distance to its k-th real neighbour),
   recall the share of real images inside some synthetic image's ball.
 - Label fidelity: a logistic-regression head (``retfm.adapt.probe.LogisticHead``) trained on the real images'
-  features and label predicts the label each synthetic image was conditioned on: accuracy and Cohen's kappa,
-  next to chance agreement (what predicting independently of the image would reach) and the head's accuracy on
-  held-out real images (what a perfect generator could reach).
+  features and label predicts the label each synthetic image was conditioned on: accuracy (with its Wilson 95%
+  interval) and Cohen's kappa, next to chance agreement (what predicting independently of the image would reach)
+  and the head's accuracy on held-out real images (what a perfect generator could reach).
 - Memorisation: each synthetic image's distance to its nearest real training image, against the real-to-real
   baseline (each real training image's distance to its nearest other one). A synthetic image closer than
   ``copy_ratio`` x the baseline's median is a near-copy; the generator is flagged when more than ``flag_share``
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import linalg
+from scipy.stats import binomtest
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, cohen_kappa_score, pairwise_distances_chunked
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
@@ -187,7 +188,9 @@ def label_fidelity(real_features, real_table, training, fake_features, fake_labe
     # Chance: agreement expected if predictions were independent of the images (kappa's p_e).
     true_shares = np.bincount(y_fake, minlength=len(classes)) / len(y_fake)
     predicted_shares = np.bincount(predicted, minlength=len(classes)) / len(predicted)
-    return {"accuracy": float(accuracy_score(y_fake, predicted)),
+    hits = int((y_fake == predicted).sum())
+    interval = binomtest(hits, len(y_fake)).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"accuracy": hits / len(y_fake), "accuracy_ci95": [float(interval.low), float(interval.high)],
             "kappa": float(cohen_kappa_score(y_fake, predicted, labels=np.arange(len(classes)))),
             "chance_accuracy": float(true_shares @ predicted_shares),
             "majority_share": float(true_shares.max()),
@@ -257,7 +260,8 @@ else "not flagged" }} (flagged above {{ (100 * r.config.flag_share) | num(1) }}%
 
 <h2>Label fidelity: <code>{{ r.label }}</code></h2>
 {% if l.accuracy is defined %}<table><tr><th>measure</th><th>value</th></tr>
-<tr><td>accuracy on synthetic images (conditioned label as truth)</td><td>{{ l.accuracy | num }}</td></tr>
+<tr><td>accuracy on synthetic images (conditioned label as truth; Wilson 95% CI)</td><td>{{ l.accuracy | num }}
+({{ l.accuracy_ci95[0] | num }}&ndash;{{ l.accuracy_ci95[1] | num }})</td></tr>
 <tr><td>chance agreement</td><td>{{ l.chance_accuracy | num }}</td></tr>
 <tr><td>Cohen's kappa (0 = chance)</td><td>{{ l.kappa | num }}</td></tr>
 <tr><td>same classifier on held-out real images</td><td>{{ l.real_heldout_accuracy | num }}</td></tr></table>

@@ -3,7 +3,9 @@
 The network is diffusers' ``UNet2DModel`` with a class embedding; the class is one combination of the condition
 columns' values (the label, then each ``--cond`` column, e.g. site), plus one *null* class. Training hides the
 condition (shows the null class) for a share of images, so sampling can use classifier-free guidance. Training is
-DDPM's: noise an image at a random level, predict the noise, mean squared error; AdamW with a linear warmup.
+DDPM's: noise an image at a random level, predict its velocity (default; or the noise), mean squared error, on a
+cosine noise schedule (default; or DDPM's linear one); AdamW with a linear warmup. Velocity prediction keeps the
+network's image estimate sound at high noise, where a noise-predicting one's errors are multiplied (docs/synth.md).
 diffusers' ``EMAModel`` keeps the moving average (with its warmup, so short runs are not stuck at the start).
 
 With ``base_model`` the same loop fine-tunes LoRA adapters of a local pretrained latent text-to-image model
