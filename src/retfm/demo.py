@@ -64,7 +64,7 @@ FULL = Scale(sites=4, per_site=100, rounds=5, local_steps=10, synth_steps=300, s
 QUICK = Scale(sites=3, per_site=60, rounds=2, local_steps=4, synth_steps=20, synth_images=8, bootstrap=100)
 PRETRAIN = {"objective": "token-reconstruction", "model": "vit-demo-p8", "batch_size": 16, "blr": 0.02,
             "warmup_steps": 2, "workers": 0, "log_every": 1}
-# a 10x larger learning rate than SynthTrainConfig's default suits this small UNet's few hundred steps
+# benchmarks/synth.py's learning rate for a small UNet's short run (10x SynthTrainConfig's default)
 GENERATOR = {"label": "dr_grade", "size": 32, "block_out_channels": (16, 32, 64), "batch_size": 16, "lr": 2e-3,
              "warmup_steps": 10, "workers": 0}
 

@@ -26,8 +26,8 @@ from retfm.adapt.finetune import save_classifier
 from retfm.adapt.predictions import resolve_task
 from retfm.federated.task import MIN_CELL, Site, load_shared, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
-from retfm.synth import train as synth
 from retfm.pretrain.trainer import merged
+from retfm.synth import train as synth
 
 MODEL_FILENAME = "model.safetensors"
 
