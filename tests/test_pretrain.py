@@ -215,10 +215,11 @@ def test_token_reconstruction_takes_a_teacher_from_the_registry_or_a_checkpoint(
                             batch_size=4, workers=0, teacher=str(tmp_path / "teacher.safetensors"))
     from retfm.pretrain.trainer import build_objective
 
-    objective = build_objective(config, create("tiny-vit", weights="random"))
+    objective = build_objective(config, create("tiny-vit", weights="random"), spec("tiny-vit"))
     assert all(torch.equal(a, b) for a, b in zip(objective.teacher.state_dict().values(),
                                                   teacher.state_dict().values()))
     card = pretrain(config, tmp_path / "run")
     assert card["teacher"] == str(tmp_path / "teacher.safetensors")
     with pytest.raises(RetfmError, match="only token-reconstruction"):
-        build_objective(config.model_copy(update={"objective": "mae"}), create("tiny-vit", weights="random"))
+        build_objective(config.model_copy(update={"objective": "mae"}), create("tiny-vit", weights="random"),
+                        spec("tiny-vit"))

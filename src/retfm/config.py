@@ -108,6 +108,9 @@ class LoraOptions(BaseModel):
     targets: list[str] = Field(["qkv"], min_length=1, description="backbone module names that get adapters")
 
 
+PUBLISHED = "published"  # PretrainConfig.init: the registry model's own weights
+
+
 class PretrainConfig(BaseModel):
     """Options of ``retfm pretrain`` (see docs/pretrain.md)."""
 
@@ -121,7 +124,9 @@ class PretrainConfig(BaseModel):
     sites: list[str] | None = Field(None, description="manifests: rows of these sites only (null: every site)")
     shuffle_buffer: int = Field(1000, ge=0, description="shards: mix samples from this many recent reads")
     model: str = Field(..., description="registry name or retfm checkpoint: the architecture and preprocessing")
-    init: str | None = Field(None, description="initial weights: a file, or null for random initialisation")
+    init: str | None = Field(None, description=f"initial weights: a file, {PUBLISHED!r} (the model's own published "
+                                                "weights, e.g. efficientnet-lite0's ImageNet weights), or null for "
+                                                "random initialisation")
     teacher: str | None = Field(None, description="token-reconstruction: the frozen teacher, a registry name or "
                                                    "retfm checkpoint with its own weights (default: a copy of the "
                                                    "student's initial weights)")

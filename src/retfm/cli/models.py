@@ -15,16 +15,19 @@ app = typer.Typer(help="Model zoo: named foundation models, their preprocessing,
 
 @app.command("list")
 def list_() -> None:
-    """Table of the named models: architecture, input size, embedding size, checkpoint format, licence."""
+    """Table of the named models: architecture, input size, embedding size, checkpoint format, licence, and
+    whether their weights are on this machine now ("-": none published)."""
     from retfm.models import list_models, spec
+    from retfm.models.backbones import weights_here
 
     table = Table(title="retfm models")
-    for column in ("name", "architecture", "input", "embed dim", "format", "licence"):
+    for column in ("name", "architecture", "input", "embed dim", "format", "weights here", "licence"):
         table.add_column(column, justify="right" if column in ("input", "embed dim") else "left")
     for name in list_models():
         entry = spec(name)
+        here = weights_here(entry)
         table.add_row(name, entry.architecture, str(entry.input_size), str(entry.embed_dim),
-                      entry.checkpoint_format, entry.licence)
+                      entry.checkpoint_format, {True: "yes", False: "no", None: "-"}[here], entry.licence)
     stdout.print(table)
     console.print("details, weight sources and caveats: retfm models show NAME")
 

@@ -22,6 +22,7 @@ from retfm.data.manifest import GROUP_COLUMNS, Manifest
 from retfm.errors import RetfmError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -32,10 +33,11 @@ class Preprocessing:
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
 
 def eval_transform(pre: Preprocessing) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.Resize((pre.size, pre.size), antialias=True),
+    return v2.Compose([v2.ToImage(), v2.Resize((pre.size, pre.size), INTERPOLATIONS[pre.interpolation], antialias=True),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 
@@ -44,7 +46,8 @@ def train_transform(pre: Preprocessing) -> v2.Compose:
     colour changes within what cameras differ by. No strong colour or hue shifts: colour carries disease signs."""
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(pre.size, scale=(0.8, 1.0), ratio=(0.95, 1.05), antialias=True),
+        v2.RandomResizedCrop(pre.size, scale=(0.8, 1.0), ratio=(0.95, 1.05),
+                             interpolation=INTERPOLATIONS[pre.interpolation], antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomRotation(15),
         v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1),

