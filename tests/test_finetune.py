@@ -79,6 +79,16 @@ def test_lora_and_linear_leave_the_backbone_as_it_was(bright_or_dark, tmp_path):
             assert moved and all(".attn.qkv." in k for k in moved)
 
 
+def test_the_imagenet_start_fine_tunes_with_lora_on_its_pointwise_convolutions(bright_or_dark, tmp_path):
+    config = _config(bright_or_dark, model="efficientnet-lite0", weights=None, adaptation="lora", epochs=1,
+                     image_size=64, lora_targets=["conv_pw", "conv_pwl"])
+    finetune(config, tmp_path / "run")
+    start, tuned = create("efficientnet-lite0").state_dict(), create(tmp_path / "run" / "model.safetensors").state_dict()
+    assert tuned.keys() == start.keys()  # a plain model: the adapters merged in
+    changed = {k for k in start if not torch.equal(start[k], tuned[k])}
+    assert changed and all(".conv_pw" in k for k in changed)  # conv_pw and conv_pwl weights only
+
+
 def test_a_lora_target_that_is_a_container_is_refused_in_one_line():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
     with pytest.raises(RetfmError) as refused:

@@ -32,24 +32,31 @@ def cohort(tmp_path_factory):
     return root / "ds"
 
 
-def _command(data, out, steps, *extra):
-    return [sys.executable, "-m", "retfm.cli.main", "pretrain", "--objective", "mae", "--data", str(data),
-            "--model", "tiny-vit", "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--workers", "1",
-            "--set", "checkpoint_every=3", "--set", "log_every=1", "--set", "warmup_steps=5", *TINY_MAE, *extra]
+RUNS = {"mae": ["--objective", "mae", "--model", "tiny-vit", *TINY_MAE],
+        "token-reconstruction": ["--objective", "token-reconstruction", "--model", "cnn-demo"]}
+
+
+def _command(data, out, steps, *extra, objective="mae"):
+    return [sys.executable, "-m", "retfm.cli.main", "pretrain", *RUNS[objective], "--data", str(data),
+            "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--workers", "1",
+            "--set", "checkpoint_every=3", "--set", "log_every=1", "--set", "warmup_steps=5", *extra]
 
 
 def _env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_killed_run_resumes_to_the_same_weights_bit_for_bit(cohort, tmp_path):
+@pytest.mark.parametrize("objective, width", [("mae", 64), ("token-reconstruction", 512)])
+def test_killed_run_resumes_to_the_same_weights_bit_for_bit(cohort, tmp_path, objective, width):
+    """MAE on a ViT, and token reconstruction on a CNN student (masked image patches, channels_last)."""
     steps = 24
-    whole = subprocess.run(_command(cohort, tmp_path / "whole", steps), env=_env(), capture_output=True, text=True)
+    whole = subprocess.run(_command(cohort, tmp_path / "whole", steps, objective=objective), env=_env(),
+                           capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     kill_after = random.Random(os.getpid()).randint(4, steps - 4)  # a different step on every run
-    run = subprocess.Popen(_command(cohort, tmp_path / "cut", steps), env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(_command(cohort, tmp_path / "cut", steps, objective=objective), env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "cut" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and run.poll() is None:
@@ -61,8 +68,8 @@ def test_killed_run_resumes_to_the_same_weights_bit_for_bit(cohort, tmp_path):
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["state"]["step"]
     assert 0 < saved < steps and not (tmp_path / "cut" / "model.safetensors").exists()
 
-    resumed = subprocess.run(_command(cohort, tmp_path / "cut", steps, "--resume"), env=_env(), capture_output=True,
-                             text=True)
+    resumed = subprocess.run(_command(cohort, tmp_path / "cut", steps, "--resume", objective=objective), env=_env(),
+                             capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     first, second = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert first.keys() == second.keys()
@@ -77,11 +84,11 @@ def test_killed_run_resumes_to_the_same_weights_bit_for_bit(cohort, tmp_path):
     from retfm.adapt.embed import embed
 
     card = json.loads((tmp_path / "cut" / "model.json").read_text())
-    assert card["objective"] == "mae" and card["images_seen"] == steps * 4 and card["steps"] == steps
+    assert card["objective"] == objective and card["images_seen"] == steps * 4 and card["steps"] == steps
     assert card["compute"]["training_flops_estimate"] > 0 and card["data"][0]["images"] > 0
     summary = embed(cohort, tmp_path / "emb.parquet", EmbedConfig(model=str(tmp_path / "cut" / "model.safetensors"),
                                                                   workers=0))
-    assert summary["images"] == 24 and summary["embed_dim"] == 64
+    assert summary["images"] == 24 and summary["embed_dim"] == width
 
 
 def test_a_new_run_refuses_an_existing_folder_and_resume_needs_a_checkpoint(cohort, tmp_path):
@@ -116,14 +123,16 @@ def test_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     assert factor(110) * 1e-3 == pytest.approx(1e-6)
 
 
-@pytest.mark.parametrize("objective", ["mae", "token-reconstruction", "clip"])
-def test_two_processes_match_one_with_the_same_global_batch(cohort, tmp_path, objective):
+@pytest.mark.parametrize("objective, model", [("mae", "tiny-vit"), ("token-reconstruction", "tiny-vit"),
+                                              ("clip", "tiny-vit"), ("token-reconstruction", "cnn-demo")])
+def test_two_processes_match_one_with_the_same_global_batch(cohort, tmp_path, objective, model):
     """torchrun with 2 CPU processes (gloo), 4 images each, against 1 process with 8: the same samples, masks and
     noise (every process draws the global batch's random numbers and keeps its rows), so only the order of
     floating-point sums differs; weights agree within 5e-5 after 6 AdamW steps at lr 3e-4 to 6e-4 (with gradient
     accumulation for token reconstruction). Adam divides by the root of tiny second moments, so rounding in
-    near-zero gradients moves a weight by up to a fraction of the learning rate: 1e-5 was measured at the edge."""
-    common = ["pretrain", "--objective", objective, "--data", str(cohort), "--model", "tiny-vit", "--steps", "6",
+    near-zero gradients moves a weight by up to a fraction of the learning rate: 1e-5 was measured at the edge.
+    A CNN student (masked on image patches) keeps its BatchNorm statistics, so its batches need no syncing."""
+    common = ["pretrain", "--objective", objective, "--data", str(cohort), "--model", model, "--steps", "6",
               "--workers", "0", "--set", "warmup_steps=2", "--set", "log_every=1", "--set", "blr=0.01"]
     # MAE with one micro-batch per step; token reconstruction with two (gradients averaged once per step); CLIP
     # contrasting the global batch (features gathered across processes).

@@ -232,3 +232,76 @@ def test_invalid_options_are_one_line_errors():
             MAE(backbone, **options)
     with pytest.raises(RetfmError, match="max_mask_ratio"):
         TokenReconstruction(backbone, max_mask_ratio=1.5)
+
+
+# ---- token reconstruction across architectures ------------------------------------------------------------------
+
+def _cnn_images(n: int = 8) -> torch.Tensor:
+    return _phantoms(64, n).clone()  # cnn-demo's input size
+
+
+def test_a_cnn_taught_by_itself_starts_as_its_teacher_and_learns_to_fill_masked_patches():
+    torch.manual_seed(0)
+    student = create("cnn-demo", weights="random")
+    objective = TokenReconstruction(student, max_mask_ratio=0.5).train()
+    assert objective.layout == "grid" and objective.residual and objective.mask_patch == 32  # resnet10t: stride 32
+    images = _cnn_images()
+    clean = TokenReconstruction(create("cnn-demo", weights="random"), max_mask_ratio=0, noise_std=0).train()
+    clean.backbone.load_state_dict(student.state_dict())
+    clean.teacher.load_state_dict(student.state_dict())
+    assert seeded_loss(clean, images) < 1e-6  # nothing hidden, no noise: the student is the teacher
+    before, after = train(objective, images)
+    assert after < 0.5 * before, (before, after)
+    assert {n.split(".")[0] for n, _ in objective.named_parameters()} == {"backbone", "mask_token", "projector"}
+
+
+def test_a_cnn_student_sees_its_hidden_patches_filled_with_the_mask_colour():
+    objective = TokenReconstruction(create("cnn-demo", weights="random"), max_mask_ratio=1.0, noise_std=0,
+                                    mask_patch=16).train()
+    with torch.no_grad():
+        objective.mask_token.copy_(torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1))
+    seen = []
+    objective.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = _cnn_images(4)
+    torch.manual_seed(1)
+    mask = objective(images)["mask"].bool().view(4, 4, 4)  # 64 px in 16 px patches
+    pixels = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, None].expand_as(images)
+    fill = objective.mask_token.expand_as(images)
+    assert mask[:-1].any() and not mask[-1].any()  # the last image stays clean
+    assert torch.equal(seen[0][pixels], fill[pixels]) and torch.equal(seen[0][~pixels], images[~pixels])
+
+
+def test_batchnorm_statistics_stay_frozen_unless_asked():
+    images = _cnn_images()
+    for freeze in (True, False):
+        objective = TokenReconstruction(create("cnn-demo", weights="random"), freeze_norm_stats=freeze).train()
+        norm = objective.backbone.bn1
+        before = norm.running_mean.clone()
+        objective(images)["loss"].backward()
+        assert torch.equal(norm.running_mean, before) == freeze and norm.weight.grad is not None
+        assert not objective.teacher.training
+
+
+@pytest.mark.parametrize("student, teacher", [("tiny-vit", "cnn-demo"), ("cnn-demo", "tiny-vit"),
+                                              ("tiny-vit", "tiny-vit-reg")])
+def test_distillation_across_architectures_resamples_the_teachers_grid_and_learns(student, teacher):
+    torch.manual_seed(0)
+    objective = TokenReconstruction(create(student, weights="random"),
+                                    teacher=create(teacher, weights="random", **({} if teacher == "cnn-demo"
+                                                                                  else {"img_size": 64}))).train()
+    assert objective.layout == "grid" and not objective.residual  # widths differ: a plain MLP projector
+    before, after = train(objective, _cnn_images())
+    assert after < 0.5 * before, (before, after)
+    assert all(not buffer.requires_grad for buffer in objective.teacher.buffers())
+
+
+def test_a_teacher_with_other_statistics_gets_the_images_renormalised():
+    teacher = create("cnn-demo", weights="random")
+    seen = []
+    objective = TokenReconstruction(create("tiny-vit", weights="random"), teacher=teacher,
+                                    teacher_normalisation=((IMAGENET_MEAN, IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3)))
+    objective.teacher.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # its stem
+    images = _cnn_images(2)
+    objective(images)
+    pixels = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], (pixels - 0.5) / 0.5)

@@ -97,8 +97,9 @@ def png_claiming(width: int, height: int) -> bytes:
 
 # ---- one photograph ---------------------------------------------------------------------------------------------
 
-def test_a_convolutional_classifier_is_explained_on_its_last_stage(tmp_path):
-    model, index = make_served_model(tmp_path, "cnn-demo")
+@pytest.mark.parametrize("model_name", ["cnn-demo", "efficientnet-lite0"])
+def test_a_convolutional_classifier_is_explained_on_its_last_stage(tmp_path, model_name):
+    model, index = make_served_model(tmp_path, model_name)
     screener = Screener(ServeConfig(model=model, index=index, api_key=KEY))
     [result] = screener.run_batch([(screener.prepare(photo()), True)])
     assert result["heatmap"]["method"] == "Grad-CAM, last convolutional stage"

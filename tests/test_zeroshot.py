@@ -158,9 +158,10 @@ def test_a_caption_key_is_what_the_text_says_not_its_wording():
 def test_a_convolutional_model_is_an_image_tower_but_not_a_masked_autoencoder(tmp_path):
     from retfm.pretrain.trainer import build_model
 
-    _, objective = build_model(PretrainConfig(objective="clip", data=["unused"], model="cnn-demo",
-                                              objective_options=TINY_TEXT))
-    assert objective(torch.randn(4, 3, 64, 64), torch.randint(1, 400, (4, 48)))["loss"].isfinite()
+    for model, init in (("cnn-demo", None), ("efficientnet-lite0", "published")):  # the ImageNet start too
+        _, objective = build_model(PretrainConfig(objective="clip", data=["unused"], model=model, init=init,
+                                                  image_size=64, objective_options=TINY_TEXT))
+        assert objective(torch.randn(4, 3, 64, 64), torch.randint(1, 400, (4, 48)))["loss"].isfinite()
     with pytest.raises(RetfmError, match="needs a ViT"):
         build_model(PretrainConfig(objective="mae", data=["unused"], model="cnn-demo"))
 

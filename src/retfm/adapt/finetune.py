@@ -39,6 +39,7 @@ from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from retfm import __version__
@@ -49,9 +50,8 @@ from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
-from retfm.models import ModelSpec, create, save_checkpoint, spec as model_spec
+from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint, spec as model_spec
 from retfm.models.backbones import head_prefix
-from retfm.models import preprocessing
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -72,7 +72,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     classes = sorted(rows[config.label].unique().tolist())
     task = resolve_task(config.task, config.label, classes)
     spec, pre, model = build_classifier(config, len(classes))
-    model = model.to(device)
+    model = model.to(device, memory_format=memory_format(model))
     optimiser = build_optimiser(model, config)
 
     manifest_root = Manifest.read(config.data).root
@@ -112,7 +112,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     while state["epoch"] < config.epochs and state["since_best"] < config.patience:
         epoch = state["epoch"]
         batches = iter(epoch_batches(train_set, config, epoch))
-        model.train()
+        train_mode(model)
         running = 0.0
         for step in range(steps_per_epoch):
             loss, images = train_step(model, batches, optimiser, criterion, mixup, config, device)
@@ -275,7 +275,7 @@ def train_step(model: torch.nn.Module, batches: Iterator[dict], optimiser: torch
     total, images_seen = 0.0, 0
     for _ in range(config.accum_steps):
         batch = next(batches)
-        images, targets = batch["image"].to(device), batch["label"].to(device)
+        images, targets = batch["image"].to(device, memory_format=memory_format(model)), batch["label"].to(device)
         if mixup:
             images, targets = mixup(images, targets)
         with autocast(config, device):
@@ -287,6 +287,16 @@ def train_step(model: torch.nn.Module, batches: Iterator[dict], optimiser: torch
     optimiser.step()
     optimiser.zero_grad(set_to_none=True)
     return total / config.accum_steps, images_seen
+
+
+def train_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.train()``, except BatchNorm layers whose scale and shift are frozen (linear and LoRA adaptation of a
+    CNN): they keep their running statistics, so a frozen backbone stays frozen."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.weight is not None and not module.weight.requires_grad:
+            module.eval()
+    return model
 
 
 def autocast(config: FinetuneConfig, device: torch.device) -> torch.autocast:
@@ -346,7 +356,8 @@ def predict(model: torch.nn.Module, rows: pd.DataFrame, root: Path, pre, config:
     parts = []
     for batch in loader:
         with autocast(config, device):
-            parts.append(torch.softmax(model(batch["image"].to(device)).float(), dim=1).cpu())
+            images = batch["image"].to(device, memory_format=memory_format(model))
+            parts.append(torch.softmax(model(images).float(), dim=1).cpu())
     return torch.cat(parts).numpy().astype(np.float64)
 
 

