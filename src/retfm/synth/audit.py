@@ -48,6 +48,7 @@ from retfm import __version__
 from retfm.adapt.probe import LogisticHead
 from retfm.config import SynthAuditConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
+from retfm.data.io import open_image
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate.report import REPORT_CSS, figure_png, new_figure
@@ -314,7 +315,7 @@ def _confusion_figure(labels: dict) -> str:
 
 
 def _thumbnail(path: Path, size: int = 96) -> str:
-    with Image.open(path) as image:
+    with open_image(path.read_bytes()) as image:
         image = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -18,6 +18,7 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 
+from retfm.data.paths import OUTSIDE_INPUT, inside
 from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.data.sources.imagefolder import list_files
 from retfm.data.sources.table import MISSING_FILE
@@ -40,7 +41,10 @@ def _find(root: Path, description: str, *names: str, directory: bool = False, re
         if order is not None and path.is_dir() == directory and not any(part.startswith(".") for part in parts):
             candidates.append((len(parts), order, path.as_posix(), path))
     if candidates:
-        return min(candidates)[-1]
+        found = min(candidates)[-1]
+        if inside(root, found) is None:
+            raise RetfmError(f"{found}: {OUTSIDE_INPUT}: a link that leads outside {root}; not read")
+        return found
     if required:
         raise RetfmError(f"{root}: no {description} found (looked for {' or '.join(names)})")
     return None
@@ -64,10 +68,12 @@ class _Images:
         if not name:
             return SourceItem(source=where, columns=columns, rejected=MISSING_FILE)
         path = self.by_name.get(name.lower()) or self.by_stem.get(PurePath(name).stem.lower())
+        listed = path or self.folder / name  # the report names a missing image where it would have been
+        source = listed.relative_to(self.root).as_posix() if listed.is_relative_to(self.root) else name
         if path is None:
-            missing = (self.folder / name).relative_to(self.root).as_posix()
-            return SourceItem(source=missing, file=self.folder / name, columns=columns, rejected=MISSING_FILE)
-        return SourceItem(source=path.relative_to(self.root).as_posix(), file=path, columns=columns)
+            return SourceItem(source=source, columns=columns, rejected=MISSING_FILE)
+        real = inside(self.root, path)
+        return SourceItem(source=source, file=real, columns=columns, rejected=None if real else OUTSIDE_INPUT)
 
 
 def _class_items(root: Path) -> list[tuple[SourceItem, str | None]]:
