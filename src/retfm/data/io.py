@@ -185,7 +185,6 @@ def _read_dicom(data: bytes, max_pixels: int):
     shown it within the limit. A deflated dataset is inflated in two bounded steps: the header, then as many
     bytes as the header declares."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.filereader import read_dataset
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -210,7 +209,9 @@ def _read_dicom(data: bytes, max_pixels: int):
         dataset = read_dataset(io.BytesIO(body), False, True)
         dataset.file_meta = meta
         return dataset, frames
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, EOFError, OSError, zlib.error) as exc:
+    except ImageRejected:
+        raise
+    except Exception as exc:  # pydicom raises many types on a damaged header, zlib on damaged deflate
         raise ImageRejected(UNREADABLE_DICOM, f"cannot parse DICOM ({type(exc).__name__})") from None
 
 

@@ -70,11 +70,11 @@ class Manifest:
                 raw = parquet.schema.metadata or {}
                 metadata = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"retfm.")}
                 table = parquet.to_pandas()
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
-        manifest = cls(_normalise_types(table), path.parent, metadata)
-        if validate:
-            manifest.validate(source=path)
+            manifest = cls(_normalise_types(table), path.parent, metadata)
+            if validate:
+                manifest.validate(source=path)
+        except (OSError, ValueError, pa.ArrowException) as exc:  # text that is not UTF-8 fails only when used
+            raise ManifestError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
         return manifest
 
     def write(self, path: str | Path | None = None) -> Path:
