@@ -295,7 +295,7 @@ def test_csv_rows_that_lead_outside_the_input_are_refused_unopened(tmp_path):
     assert {e["source"] for e in report["rejected_files"] if e["reason"] == OUTSIDE_INPUT} == set(outside)
 
 
-def test_an_image_folder_follows_no_link_out_and_counts_hidden_files(tmp_path):
+def test_an_image_folder_follows_no_link_out_and_counts_hidden_files(tmp_path, monkeypatch):
     root, secret = _outside_world(tmp_path)
     (root / "healthy").mkdir()
     (root / "healthy" / "a.jpg").write_bytes(encode(fundus_rgb(96)))
@@ -305,15 +305,18 @@ def test_an_image_folder_follows_no_link_out_and_counts_hidden_files(tmp_path):
     (root / "healthy" / "..sneaky.jpg").write_bytes(encode(fundus_rgb(96, seed=3)))
     (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (root / "healthy" / "gone.jpg").symlink_to("nowhere.jpg")
-    report = ingest(root, tmp_path / "out", IngestConfig(size=32, workers=1))
+    monkeypatch.chdir(tmp_path)  # the folder named as the user typed it: relative
+    report = ingest(Path("in"), tmp_path / "out", IngestConfig(size=32, workers=1))
     assert report["seen"] == 7 and report["ingested"] == 1 and report["duplicates"] == 1 and _reconciles(report)
     assert report["rejected"] == {HIDDEN_FILE: 2, OUTSIDE_INPUT: 2, UNREADABLE_FILE: 1}
     assert {e["source"] for e in report["rejected_files"] if e["reason"] == OUTSIDE_INPUT} == {"healthy/out.jpg",
                                                                                               "sick"}
 
 
-def test_public_layouts_follow_the_same_rule(tmp_path):
+def test_public_layouts_follow_the_same_rule(tmp_path, monkeypatch):
     root, secret = _outside_world(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    root = Path("in")
     (root / "train_images").mkdir()
     (root / "train_images" / "aaa.png").write_bytes(encode(fundus_rgb(96), "PNG"))
     (root / "train_images" / "bbb.png").symlink_to(secret)

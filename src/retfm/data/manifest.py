@@ -129,7 +129,7 @@ class Manifest:
                 raise ManifestError(f"{where}: column split, row {row}: a patient's images are in more than one "
                                     f"split ({len(leaking)} patient(s)); splits must be patient-level")
         if check_files:
-            real = paths.map(lambda p: inside(self.root, p))
+            real = paths.map(lambda p: inside(self.root, self.root / p))
             _fail_on(where, "path", real.isna(), f"leads outside the manifest's folder ({OUTSIDE_INPUT})")
             _fail_on(where, "path", ~real.map(Path.is_file), "points to a file that does not exist")
 
@@ -161,7 +161,7 @@ class Manifest:
 
 def image_file(root: Path, relative: str) -> Path:
     """The image a manifest row names, its links resolved; refused when it leads outside the manifest's folder."""
-    real = inside(root, relative)
+    real = inside(root, Path(root) / relative)
     if real is None:
         raise ManifestError(f"{Path(root) / relative}: {OUTSIDE_INPUT}: leads outside the manifest's folder {root}")
     return real

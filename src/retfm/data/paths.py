@@ -15,10 +15,11 @@ OUTSIDE_INPUT = "outside_input"
 
 
 def inside(root: str | Path, path: str | Path) -> Path | None:
-    """``root / path`` (``path`` may be absolute) with every link resolved, or None when that is not inside
-    ``root``, itself resolved: the folder the user named may be a link, nothing below it may lead out."""
+    """``path`` (as it would be opened: ``root / name`` for a name a table gives) with every link resolved, or
+    None when that is not inside ``root``, itself resolved: the folder the user named may be a link, nothing
+    below it may lead out."""
     try:
-        real = (Path(root) / path).resolve()
+        real = Path(path).resolve()
         return real if real.is_relative_to(Path(root).resolve()) else None
     except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte, a name too long: nothing inside
         return None

@@ -138,9 +138,10 @@ def pack(data: str | Path, recipient_key: str | Path, signing_key: str | Path, o
     signer = load_key(signing_key, Ed25519PrivateKey)
     extras = [DEID_REPORT_FILENAME] if (manifest.root / DEID_REPORT_FILENAME).is_file() else []
     files = list(dict.fromkeys([MANIFEST_FILENAME, *extras, *manifest.table["path"].astype(str)]))
-    linked = next((name for name in files if inside(manifest.root, name) != manifest.root.resolve() / name), None)
+    root = manifest.root
+    linked = next((name for name in files if inside(root, root / name) != root.resolve() / name), None)
     if linked is not None:
-        raise RetfmError(f"{manifest.root / linked}: refused: a link; a bundle carries the files an ingest wrote, "
+        raise RetfmError(f"{root / linked}: refused: a link; a bundle carries the files an ingest wrote, "
                          f"never what a link points to")
 
     ephemeral = X25519PrivateKey.generate()

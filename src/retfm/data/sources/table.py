@@ -51,7 +51,7 @@ def list_csv(csv_path: Path | None, options) -> SourceListing:
         relative = str(relative)
         if options.extension and not PurePath(relative).suffix:
             relative += options.extension if options.extension.startswith(".") else "." + options.extension
-        item = SourceItem(source=relative, file=inside(root, relative), columns=columns)
+        item = SourceItem(source=relative, file=inside(root, root / relative), columns=columns)
         if "split" in columns:
             split = SPLIT_ALIASES.get(str(columns["split"]).strip().lower())
             if split is None:
