@@ -55,7 +55,7 @@ from retfm.data.sources.imagefolder import HIDDEN_FILE
 from retfm.data.sources.table import MISSING_FILE
 from retfm.errors import RetfmError
 from retfm.federated import share
-from retfm.runs import load_checkpoint, load_own_checkpoint
+from retfm.runs import load_checkpoint, load_own_checkpoint, read_json
 from retfm.serve import create_app
 
 from tests.conftest import SHARED_DATA, encode, fundus_rgb
@@ -419,6 +419,14 @@ def test_unsafe_pickles_are_told_by_exception_type_not_message(tmp_path, monkeyp
     monkeypatch.setattr(torch, "load", refuse)
     with pytest.raises(RetfmError, match="refused it as an unsafe or damaged pickle"):
         load_checkpoint(tmp_path / "any.pt")
+
+
+def test_damaged_json_a_run_wrote_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "metrics.json"
+    for content in (b'{"n": 3, "metrics": {', b"\xff\xfe{}"):  # cut short by a crash; overwritten with junk
+        path.write_bytes(content)
+        with pytest.raises(RetfmError, match=r"metrics.json: not readable JSON, damaged or truncated"):
+            read_json(path)
 
 
 # ---- 5. no command answers a bad file or option with a traceback -------------------------------------------------

@@ -3,6 +3,7 @@ guarded road by which retfm reads any pickled checkpoint (its own and published 
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -63,6 +64,14 @@ def _named_globals(path: Path) -> str:
         return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # a legacy or damaged pickle: nothing to name
         return ""
+
+
+def read_json(path: Path):
+    """A JSON file a run wrote (metrics, provenance, what fills a folder), its damage said in one line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RetfmError(f"{path}: not readable JSON, damaged or truncated ({type(exc).__name__})") from None
 
 
 def load_own_checkpoint(path: Path, config) -> dict:

@@ -84,8 +84,8 @@ def decode_image(data: bytes, min_side: int | None = None, max_pixels: int = DEF
 
 
 def largest_file(max_pixels: int) -> int:
-    """Bytes no image within the limit needs: 16-bit RGBA stored uncompressed, plus a DICOM header. Readers
-    refuse larger files before reading them."""
+    """Bytes no image within the limit needs: 16-bit RGBA stored uncompressed, plus a DICOM header. Ingest
+    refuses a larger file before reading it."""
     return 8 * max_pixels + DICOM_HEADER_BYTES
 
 
