@@ -21,10 +21,10 @@ def list_files(root: Path) -> list[SourceItem]:
     for path in sorted(root.rglob("*")):
         if not (path.is_symlink() or path.is_file()):
             continue
-        source, real = path.relative_to(root).as_posix(), inside(root, path)
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
+        source = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in source.split("/")):
             items.append(SourceItem(source, rejected=HIDDEN_FILE))
-        elif real is None:
+        elif (real := inside(root, path)) is None:
             items.append(SourceItem(source, rejected=OUTSIDE_INPUT))
         elif not real.is_dir():
             items.append(SourceItem(source, file=real, rejected=None if real.is_file() else UNREADABLE_FILE))

@@ -3,9 +3,10 @@
 retfm never downloads them: point it at the folder you downloaded and unpacked (that folder or any folder above
 it). Each reader finds the official files below it, turns the published label coding into manifest columns and
 keeps official splits where the publisher released labels for every split. Values the source does not give are
-left out (null), never guessed. A table row whose image is absent is listed with ``rejected="missing_file"``, and
-a file in an image-folder dataset that sits in no recognised class folder with ``rejected="unknown_class"``, so
-the ingest report names each one and the rest carries on.
+left out (null), never guessed. A table row whose image is absent is listed with ``rejected="missing_file"``, a
+file in an image-folder dataset that sits in no recognised class folder with ``rejected="unknown_class"``, and an
+image that is a link out of the folder with ``rejected="outside_input"`` (``retfm.data.paths``), so the ingest
+report names each one and the rest carries on.
 
 Layouts and codings are documented in docs/data.md ("Public datasets").
 """
