@@ -628,7 +628,10 @@ def parse_set(assignment: str) -> tuple[list[str], object]:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise RetfmError(f"--set {assignment!r}: expected key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:  # a tag safe loading refuses (!!python/...), or broken YAML
+        raise RetfmError(f"--set {assignment!r}: not a plain YAML value ({str(exc).splitlines()[0]})") from None
 
 
 def load_config(model: type[ConfigT], path: Path | None = None, options: dict | None = None,
@@ -637,7 +640,7 @@ def load_config(model: type[ConfigT], path: Path | None = None, options: dict | 
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise RetfmError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
         if not isinstance(data, dict):
             raise RetfmError(f"{path}: a config must be a mapping of option: value")

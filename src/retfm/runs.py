@@ -1,7 +1,12 @@
-"""What every resumable run shares: the rules of its folder, its device, and checkpoints written whole."""
+"""What every resumable run shares: the rules of its folder, its device, checkpoints written whole, and the one
+guarded road by which retfm reads any pickled checkpoint (its own and published weights alike)."""
 
 from __future__ import annotations
 
+import json
+import pickle
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,9 +35,50 @@ def save_whole(payload: dict, path: Path) -> None:
     partial.replace(path)
 
 
+def load_checkpoint(path: Path, allowed_globals: Sequence[type] = ()):
+    """``torch.load(path, weights_only=True)``, its failures as one line naming the file and the reason. The
+    weights-only unpickler refuses, with ``pickle.UnpicklingError``, anything but tensors, plain containers and
+    ``allowed_globals``: objects whose loading could run code, and bytes no ``torch.save`` wrote (it cannot tell
+    these apart). retfm never retries without it, whatever torch's own message suggests."""
+    with torch.serialization.safe_globals(list(allowed_globals)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the outcome is said below, in one line
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            named = _named_globals(path)
+            if named:
+                raise RetfmError(f"{path}: refused: an unsafe pickle (it calls {named}); loading it fully would run "
+                                 "that code, which retfm never does (it loads with weights_only=True): re-save "
+                                 "just the state dict") from None
+            raise RetfmError(f"{path}: not a checkpoint retfm can load safely: torch's weights-only loader refused "
+                             "it as an unsafe or damaged pickle (loading it fully could run code, which retfm "
+                             "never does)") from None
+        except Exception as exc:  # RuntimeError, EOFError, KeyError, IndexError, OSError, ... on a damaged file
+            raise RetfmError(f"{path}: not a readable PyTorch checkpoint, damaged or truncated "
+                             f"({type(exc).__name__})") from None
+
+
+def _named_globals(path: Path) -> str:
+    """The code a refused checkpoint would call, read without running it (zip checkpoints only)."""
+    try:
+        return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a legacy or damaged pickle: nothing to name
+        return ""
+
+
+def read_json(path: Path):
+    """A JSON file a run wrote (metrics, provenance, what fills a folder), its damage said in one line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RetfmError(f"{path}: not readable JSON, damaged or truncated ({type(exc).__name__})") from None
+
+
 def load_own_checkpoint(path: Path, config) -> dict:
     """A run's checkpoint, refused unless it was made with the same resolved config (a pydantic model)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise RetfmError(f"{path}: not a retfm run checkpoint (no config inside)")
     if saved["config"] != config.model_dump_json():
         raise RetfmError(f"{path}: was made with another config; resume with the same options")
     return saved

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retfm.errors import RetfmError
@@ -23,7 +24,13 @@ def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray, dict[str, str
     if "embedding" not in table.column_names or "image_id" not in table.column_names:
         raise RetfmError(f"{path}: not an embeddings file (needs image_id and embedding columns)")
     column = table.column("embedding").combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32, copy=False)
+    kind = column.type
+    numbers = (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) and (
+        pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type))
+    if not numbers or not len(table) or column.null_count or len(pc.unique(pc.list_value_length(column))) > 1:
+        raise RetfmError(f"{path}: column embedding must hold one vector of numbers per row, all of one length "
+                         f"(found {len(table)} row(s) of {kind})")
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32, copy=False)
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k.startswith(b"retfm.")}
     return table.drop_columns(["embedding"]).to_pandas(), vectors, metadata
 

@@ -52,7 +52,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint, spec as model_spec
 from retfm.models.backbones import head_prefix
-from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
+from retfm.runs import check_run_folder, checked_device, load_checkpoint, load_own_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 BEST_FILENAME = "best.pt"
@@ -139,7 +139,7 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
         if progress:
             progress(1)
 
-    model.load_state_dict(torch.load(out / BEST_FILENAME, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_checkpoint(out / BEST_FILENAME))
     val_probs = predict(model, val_rows, manifest_root, pre, config, device)
     threshold = (youden_threshold(val_rows[config.label].map(code).to_numpy(), val_probs[:, 1])
                  if task == "binary" else None)

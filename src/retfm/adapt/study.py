@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate import PREDICTIONS_FILENAME
 from retfm.evaluate.compare import compare_predictions
 from retfm.evaluate.study_report import write_study_report
+from retfm.runs import read_json
 
 ALL_SITES = "all"  # train_site / test_site of a study whose sites are not crossed
 CELL_COLUMNS = ["cell", "model", "adaptation", "label_fraction", "seed", "train_site", "test_site"]
@@ -138,7 +138,7 @@ def results_table(cells: list[Cell], out: Path) -> pd.DataFrame:
     """One row per cell x metric: overall (no group) and per group value, read from each cell's metrics.json."""
     rows = []
     for cell in cells:
-        result = json.loads((out / "cells" / cell.key / "metrics.json").read_text())
+        result = read_json(out / "cells" / cell.key / "metrics.json")
         scopes = [(None, None, result["n"], result["metrics"])]
         scopes += [(column, value, group["n"], group["metrics"])
                    for column, groups in result["groups"].items() for value, group in groups.items()]

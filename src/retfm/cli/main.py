@@ -1,4 +1,5 @@
-"""``retfm``: the one console script. Errors a user can fix are printed as one line, exit code 2."""
+"""``retfm``: the one console script. Errors a user can fix (a RetfmError, or a file the user named that cannot
+be read or written) are printed as one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -50,8 +51,11 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except RetfmError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:  # a file the user named cannot be read or written: --out names a file, no permission, ...
+        if exc.filename is None:
+            raise
+        _fail(f"{exc.filename}: {exc.strerror or exc}")
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
@@ -64,6 +68,11 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _fail(line: str) -> None:
+    console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

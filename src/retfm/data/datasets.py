@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from retfm.data.manifest import GROUP_COLUMNS, Manifest
+from retfm.data.io import ImageRejected, open_image
+from retfm.data.manifest import GROUP_COLUMNS, Manifest, image_file
 from retfm.errors import RetfmError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +37,8 @@ class Preprocessing:
 
 
 def eval_transform(pre: Preprocessing) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.Resize((pre.size, pre.size), INTERPOLATIONS[pre.interpolation], antialias=True),
+    return v2.Compose([v2.ToImage(),
+                       v2.Resize((pre.size, pre.size), INTERPOLATIONS[pre.interpolation], antialias=True),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 
@@ -92,13 +93,13 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.table.iloc[index]
-        path = self.root / str(row["path"])
+        path = image_file(self.root, str(row["path"]))
         try:
-            with Image.open(path) as image:
+            with open_image(path.read_bytes()) as image:
                 if self.decode_size:
                     image.draft("RGB", (self.decode_size, self.decode_size))
                 image = image.convert("RGB")
-        except OSError as exc:
+        except (ImageRejected, OSError) as exc:
             raise RetfmError(f"{path}: cannot read image ({exc})") from None
         item = {"image": apply_seeded(self.transform, image, self.seed, self.epoch, index),
                 "image_id": str(row["image_id"])}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -28,8 +29,8 @@ from retfm.config import IngestConfig, save_config
 from retfm.data import fundus
 from retfm.data.deid import (DEID_REPORT_FILENAME, Pseudonymizer, age_in_years, column_kind, deid_report,
                              deidentify_columns, load_key)
-from retfm.data.io import (NO_FUNDUS, UNREADABLE_DICOM, UNREADABLE_FILE, Decoded, ImageRejected, decode_image,
-                           write_image)
+from retfm.data.io import (NO_FUNDUS, TOO_MANY_PIXELS, UNREADABLE_DICOM, UNREADABLE_FILE, Decoded, ImageRejected,
+                           decode_image, largest_file, write_image)
 from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, REQUIRED_COLUMNS, Manifest
 from retfm.data.sources import SourceItem, list_source
 from retfm.data.splits import assign_splits
@@ -67,9 +68,9 @@ def ingest(src: str | Path, out: str | Path, config: IngestConfig,
     pseudonyms = Pseudonymizer(load_key(config.deid_key_file) if config.deid_key_file else None)
     listing = list_source(src, config.format, config)
     items = listing.items
+    (out / IMAGES_DIRNAME).mkdir(parents=True, exist_ok=True)
     if total:
         total(len(items))
-    (out / IMAGES_DIRNAME).mkdir(parents=True, exist_ok=True)
     suffix = ".png" if config.image_format == "png" else ".jpg"
 
     sites = [str(item.columns.get("site") or config.site) for item in items]
@@ -186,7 +187,12 @@ def _process(task: _Task) -> dict:
             decoded = Decoded(pixels, (pixels.shape[1], pixels.shape[0]), 1.0)
         else:
             try:
-                data = Path(task.file).read_bytes()
+                with open(task.file, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    if size > largest_file(task.max_pixels):
+                        raise ImageRejected(TOO_MANY_PIXELS, f"a file of {size} bytes is larger than any image "
+                                                             f"of at most {task.max_pixels} pixels")
+                    data = handle.read()
             except OSError as exc:
                 raise ImageRejected(UNREADABLE_FILE, exc.strerror or type(exc).__name__) from None
             digest = hashlib.sha256(data).hexdigest()

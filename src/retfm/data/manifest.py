@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retfm import __version__
+from retfm.data.paths import OUTSIDE_INPUT, inside
 from retfm.errors import RetfmError
 
 MANIFEST_FILENAME = "manifest.parquet"
@@ -69,11 +70,11 @@ class Manifest:
                 raw = parquet.schema.metadata or {}
                 metadata = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"retfm.")}
                 table = parquet.to_pandas()
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
-        manifest = cls(_normalise_types(table), path.parent, metadata)
-        if validate:
-            manifest.validate(source=path)
+            manifest = cls(_normalise_types(table), path.parent, metadata)
+            if validate:
+                manifest.validate(source=path)
+        except (OSError, ValueError, pa.ArrowException) as exc:  # text that is not UTF-8 fails only when used
+            raise ManifestError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
         return manifest
 
     def write(self, path: str | Path | None = None) -> Path:
@@ -128,8 +129,9 @@ class Manifest:
                 raise ManifestError(f"{where}: column split, row {row}: a patient's images are in more than one "
                                     f"split ({len(leaking)} patient(s)); splits must be patient-level")
         if check_files:
-            exists = paths.map(lambda p: (self.root / p).is_file())
-            _fail_on(where, "path", ~exists, "points to a file that does not exist")
+            real = paths.map(lambda p: inside(self.root, self.root / p))
+            _fail_on(where, "path", real.isna(), f"leads outside the manifest's folder ({OUTSIDE_INPUT})")
+            _fail_on(where, "path", ~real.map(Path.is_file), "points to a file that does not exist")
 
     # ---- conveniences ----------------------------------------------------------------------------------------
 
@@ -137,8 +139,8 @@ class Manifest:
         return len(self.table)
 
     def image_path(self, row: int) -> Path:
-        """Absolute path of the image in (positional) row ``row``."""
-        return self.root / str(self.table["path"].iloc[row])
+        """Absolute path of the image in (positional) row ``row`` (see :func:`image_file`)."""
+        return image_file(self.root, str(self.table["path"].iloc[row]))
 
     def split(self, name: str) -> Manifest:
         """Rows of one split, as a Manifest with the same root."""
@@ -155,6 +157,14 @@ class Manifest:
     def label_columns(self) -> list[str]:
         """Columns that are neither conventional metadata nor ingest's image information: the labels."""
         return [c for c in self.table.columns if c not in CONVENTIONAL_COLUMNS]
+
+
+def image_file(root: Path, relative: str) -> Path:
+    """The image a manifest row names, its links resolved; refused when it leads outside the manifest's folder."""
+    real = inside(root, Path(root) / relative)
+    if real is None:
+        raise ManifestError(f"{Path(root) / relative}: {OUTSIDE_INPUT}: leads outside the manifest's folder {root}")
+    return real
 
 
 def _normalise_types(table: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,6 @@ position in shard), so augmentations do not depend on the number of ranks or wor
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -32,7 +31,6 @@ import fsspec
 import numpy as np
 import pandas as pd
 import webdataset
-from PIL import Image
 from torch.utils.data import IterableDataset
 from webdataset.shardlists import expand_urls, split_by_worker
 from webdataset.tariterators import base_plus_ext
@@ -41,7 +39,8 @@ from webdataset.utils import pytorch_worker_info
 from retfm import __version__
 from retfm.data.datasets import apply_seeded, group_values
 from retfm.data.deid import column_kind
-from retfm.data.manifest import GROUP_COLUMNS, MANIFEST_FILENAME, Manifest, ManifestError
+from retfm.data.io import ImageRejected, open_image
+from retfm.data.manifest import GROUP_COLUMNS, MANIFEST_FILENAME, Manifest, ManifestError, image_file
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 
@@ -147,7 +146,7 @@ def _write_shard(path: Path, rows: pd.DataFrame, columns: list[str], manifest: M
         # the clock otherwise) plus its fixed owner names and modes make the same rows give the same bytes.
         with open(tmp, "wb") as stream, webdataset.TarWriter(stream, encoder=False, mtime=0) as tar:
             for values in rows.to_dict("records"):
-                image = manifest.root / str(values["path"])
+                image = image_file(manifest.root, str(values["path"]))
                 extension = image.suffix.lower().lstrip(".").replace("jpeg", "jpg")
                 if extension not in IMAGE_EXTENSIONS:
                     raise RetfmError(f"{image}: not a stored image type ({', '.join(IMAGE_EXTENSIONS)})")
@@ -297,9 +296,9 @@ class ShardDataset(IterableDataset):
             members = ", ".join(f"{key}.{e}" for e in files)
             raise RetfmError(f"{url}: sample {key} has no image member (members: {members})")
         try:
-            with Image.open(io.BytesIO(files[extension])) as opened:
+            with open_image(files[extension]) as opened:
                 image = opened.convert("RGB")
-        except (OSError, Image.DecompressionBombError) as exc:
+        except (ImageRejected, OSError) as exc:
             raise RetfmError(f"{url}: member {key}.{extension} is not a readable image ({exc})") from None
         item = {"image": apply_seeded(self.transform, image, self.seed, self.epoch, sample["shard"],
                                       sample["position"]),

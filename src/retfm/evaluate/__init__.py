@@ -62,6 +62,11 @@ def read_predictions(path: str | Path) -> tuple[pd.DataFrame, dict]:
     missing = [c for c in classes if f"prob_{c}" not in table]
     if missing:
         raise RetfmError(f"{path}: no column prob_{missing[0]} for class {missing[0]!r} of retfm.classes")
+    for column in (f"prob_{c}" for c in classes):
+        values = table[column]
+        numeric = pd.api.types.is_numeric_dtype(values)
+        if not numeric or not np.isfinite(values.to_numpy(np.float64, na_value=np.nan)).all():
+            raise RetfmError(f"{path}: column {column} must hold probabilities, finite numbers")
     task = metadata.get("retfm.task", "binary" if len(classes) == 2 else "multiclass")
     if task not in TASKS:
         raise RetfmError(f"{path}: retfm.task is {task!r}, not one of {', '.join(TASKS)}")

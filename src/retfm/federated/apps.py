@@ -36,7 +36,7 @@ from retfm.errors import RetfmError
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
 from retfm.federated.task import (Site, contributed, local_evaluate, local_finetune, local_pretrain, local_synth,
                                   local_synth_test, local_test, start_weights)
-from retfm.runs import save_whole
+from retfm.runs import load_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
@@ -140,7 +140,7 @@ def coordinate(grid: Grid, config: FederatedConfig, sites: int, out: Path, resum
     strategy = build_strategy(config, sites)
     checkpoint_path = out / CHECKPOINT_FILENAME
     if resume and checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(checkpoint_path)
         restore_strategy(strategy, saved.get("strategy", {}))
     else:
         saved = {"round": 0, "weights": start_weights(config), "history": []}

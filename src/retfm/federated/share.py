@@ -17,9 +17,11 @@ coordinator can check came whole and unchanged from a site it trusts. The bundle
   folder (not ``ingest_config.yaml``, which names local paths such as the key file); then ``retfm-share.json``,
   the checksum manifest (size and SHA-256 of every file, retfm version, both key fingerprints).
 
-Unpacking checks, in order: magic and version, recipient, trusted sender, length (truncation), signature, every
-chunk's tag and the last-chunk flag, member names and types, the checksum manifest, and that the result is a
-readable de-identified ingest. Files appear in the output folder only after every check has passed.
+Packing refuses links (a bundle carries the files the ingest wrote, never what a link points to). Unpacking
+checks, in order: magic and version, recipient, trusted sender, length (truncation), signature, every chunk's tag
+and the last-chunk flag, member names and types, the checksum manifest, that the result is a readable
+de-identified ingest, and that every image is the PNG or JPEG its name says and decodes within the pixel limit.
+Files appear in the output folder only after every check has passed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from retfm import __version__
 from retfm.data.deid import DEID_REPORT_FILENAME, column_kind
 from retfm.data.ingest import IMAGES_DIRNAME
+from retfm.data.io import NOT_AN_IMAGE, ImageRejected, decode_image
 from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, REQUIRED_COLUMNS, Manifest, ManifestError
+from retfm.data.paths import inside
 from retfm.errors import RetfmError
 
 MAGIC = b"retfm-share\n"
@@ -62,6 +66,7 @@ _KEY_KINDS = {X25519PrivateKey: "a coordinator's private key", X25519PublicKey: 
               Ed25519PrivateKey: "a site's private signing key", Ed25519PublicKey: "a site's public key"}
 # Columns a de-identified ingest keeps although their names look identifying: ingest writes them pseudonymised.
 _PSEUDONYMOUS_COLUMNS = (set(REQUIRED_COLUMNS) | set(IMAGE_INFO_COLUMNS) | {"patient_id"}) - {"source"}
+_IMAGE_SIGNATURES = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff"}  # the formats ingest stores
 
 
 # ---- keys ---------------------------------------------------------------------------------------------------------
@@ -133,6 +138,11 @@ def pack(data: str | Path, recipient_key: str | Path, signing_key: str | Path, o
     signer = load_key(signing_key, Ed25519PrivateKey)
     extras = [DEID_REPORT_FILENAME] if (manifest.root / DEID_REPORT_FILENAME).is_file() else []
     files = list(dict.fromkeys([MANIFEST_FILENAME, *extras, *manifest.table["path"].astype(str)]))
+    root = manifest.root
+    linked = next((name for name in files if inside(root, root / name) != root.resolve() / name), None)
+    if linked is not None:
+        raise RetfmError(f"{root / linked}: refused: a link; a bundle carries the files an ingest wrote, "
+                         f"never what a link points to")
 
     ephemeral = X25519PrivateKey.generate()
     header = {"format": FORMAT_VERSION, "cipher": "X25519-HKDF-SHA256-AES-256-GCM", "chunk_size": chunk_size,
@@ -288,6 +298,7 @@ def unpack(bundle: str | Path, private_key: str | Path, trusted: list[str | Path
             opener.read_to_end()  # the tar may end before the last chunk, whose flag proves nothing is missing
             checksums = _check_checksums(staging / CHECKSUMS_FILENAME, written, header, str(bundle))
             manifest = _read_deidentified(staging, str(bundle), "does not hold a usable ingest")
+            _check_images(manifest, str(bundle))
             if out.exists():
                 out.rmdir()
             staging.rename(out)
@@ -442,6 +453,18 @@ def _extract(stream: _ChunkOpener, folder: Path, bundle: str) -> dict[str, dict]
     except OSError as exc:
         raise RetfmError(f"{bundle}: cannot write its files under {folder.parent} ({exc.strerror or exc})") from None
     return written
+
+
+def _check_images(manifest: Manifest, bundle: str) -> None:
+    """Every received image must be the PNG or JPEG its name says, and decode within the pixel limit."""
+    for row, name in enumerate(manifest.table["path"].astype(str)):
+        data = manifest.image_path(row).read_bytes()
+        try:
+            if not data.startswith(_IMAGE_SIGNATURES.get(PurePosixPath(name).suffix.lower(), b"-")):
+                raise ImageRejected(NOT_AN_IMAGE, "not the PNG or JPEG its name says")
+            decode_image(data)
+        except ImageRejected as exc:
+            raise RetfmError(f"{bundle}: refused: {name} is not a readable image ({exc})") from None
 
 
 def _check_checksums(path: Path, written: dict[str, dict], header: dict, bundle: str) -> dict:

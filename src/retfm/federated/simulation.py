@@ -27,6 +27,7 @@ from retfm.adapt.predictions import resolve_task
 from retfm.federated.task import MIN_CELL, Site, load_shared, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
 from retfm.pretrain.trainer import merged
+from retfm.runs import load_checkpoint
 from retfm.synth import train as synth
 
 MODEL_FILENAME = "model.safetensors"
@@ -84,7 +85,7 @@ def finish(config: FederatedConfig, sites: list[str], out: Path) -> dict:
     """Write the global model (task pretrain: the backbone as a retfm checkpoint, LoRA adapters merged in; task
     finetune: the classifier, as ``retfm finetune`` writes it; task synth: the generator folder, as ``retfm synth
     train`` writes it) and the report (per site of ``sites``, by name) from the coordinator's checkpoint."""
-    saved = torch.load(out / CHECKPOINT_FILENAME, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(out / CHECKPOINT_FILENAME)
     local = config.local_config()
     objective, model_name = {
         "pretrain": lambda: (local.objective, model_spec(local.model).name),

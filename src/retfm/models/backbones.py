@@ -13,7 +13,6 @@ import hashlib
 import importlib.resources
 import importlib.util
 import json
-import pickle
 import re
 import sys
 from pathlib import Path
@@ -195,19 +194,11 @@ def _read_state_dict(path: Path, checkpoint_format: str) -> dict[str, torch.Tens
             return safetensors.torch.load_file(path)
         except SafetensorError as exc:
             raise RetfmError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        # Published MAE and iBOT checkpoints pickle their argparse options beside the weights; a Namespace
-        # only holds attributes, so allowing it keeps weights_only's guarantee that no code runs.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if refused:
-            raise RetfmError(f"{path}: refused: loading it would run code for {refused.group(1)} (retfm loads "
-                             "pickles with weights_only=True); re-save just the state dict") from None
-        raise RetfmError(f"{path}: not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise RetfmError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    from retfm.runs import load_checkpoint
+
+    # Published MAE and iBOT checkpoints pickle their argparse options beside the weights; a Namespace only
+    # holds attributes, so allowing it keeps weights_only's guarantee that no code runs.
+    payload = load_checkpoint(path, allowed_globals=[argparse.Namespace])
     return _unwrap(payload, path, checkpoint_format)
 
 

@@ -27,6 +27,7 @@ from retfm import __version__
 from retfm.config import SynthAssembleConfig, SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
+from retfm.runs import read_json
 from retfm.synth.sample import MACHINE_OPTIONS, exact_counts, sample
 from retfm.synth.train import (CARD_FILENAME, LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, WEIGHTS_FILES, card_type,
                                verified_card)
@@ -139,8 +140,8 @@ def _claim(out: Path, provenance: dict) -> None:
     path = out / PROVENANCE_FILENAME
     plan = {k: v for k, v in provenance.items() if k != "retfm_version"}
     if path.exists():
-        earlier = json.loads(path.read_text())
-        if {k: v for k, v in earlier.items() if k != "retfm_version"} != plan:
+        earlier = read_json(path)
+        if not isinstance(earlier, dict) or {k: v for k, v in earlier.items() if k != "retfm_version"} != plan:
             raise RetfmError(f"{out}: holds an assembly of other generators or options; choose a new --out")
     elif out.exists() and any(out.iterdir()):
         raise RetfmError(f"{out}: is not empty and not a `retfm synth assemble` folder; choose a new --out")

@@ -48,11 +48,12 @@ from retfm import __version__
 from retfm.adapt.probe import LogisticHead
 from retfm.config import SynthAuditConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
+from retfm.data.io import open_image
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate.report import REPORT_CSS, figure_png, new_figure
 from retfm.models import create, preprocessing, spec as model_spec
-from retfm.synth.train import CARD_FILENAME
+from retfm.synth.train import verified_card
 
 AUDIT_FILENAME, REPORT_FILENAME = "audit.json", "report.html"
 PIXELS = "pixels"
@@ -60,10 +61,7 @@ PIXELS = "pixels"
 
 def audit(generator: Path, real: Path, synthetic: Path, out: Path, config: SynthAuditConfig) -> dict:
     """Audit the images in ``synthetic`` (from ``generator``) against ``real``; writes audit.json + report.html."""
-    card_file = Path(generator) / CARD_FILENAME
-    if not card_file.is_file():
-        raise RetfmError(f"{generator}: no {CARD_FILENAME}; pass a `retfm synth train` output folder")
-    card = json.loads(card_file.read_text())
+    card = verified_card(generator)
     label, classes = card["label"], card["conditions"][card["label"]]
     real_all = Manifest.read(real)
     if card["config"].get("sites") is not None:  # a site's generator is measured against that site's images
@@ -314,7 +312,7 @@ def _confusion_figure(labels: dict) -> str:
 
 
 def _thumbnail(path: Path, size: int = 96) -> str:
-    with Image.open(path) as image:
+    with open_image(path.read_bytes()) as image:
         image = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

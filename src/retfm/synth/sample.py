@@ -26,7 +26,7 @@ from PIL import Image
 from retfm.config import SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
-from retfm.runs import checked_device
+from retfm.runs import checked_device, read_json
 from retfm.synth.train import Conditions, load_generator
 
 SAMPLE_FILENAME = "sample.json"
@@ -177,7 +177,7 @@ def _claim(out: Path, card: dict, config: SynthSampleConfig) -> None:
                 "config": config.model_dump(mode="json", exclude=MACHINE_OPTIONS)}
     path = out / SAMPLE_FILENAME
     if path.exists():
-        if json.loads(path.read_text()) != identity:
+        if read_json(path) != identity:
             raise RetfmError(f"{out}: holds samples of another generator or other options; choose a new --out")
         return
     if out.exists() and any(out.iterdir()):

@@ -327,8 +327,8 @@ def _load(extra: tuple[Path, ...]) -> KnowledgeBase:
     for path in extra:
         try:
             text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RetfmError(f"{path}: cannot read knowledge file ({exc.strerror})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RetfmError(f"{path}: cannot read knowledge file ({getattr(exc, 'strerror', None) or exc})") from None
         data = _merge(data, _read_yaml(text, str(path)))
     sources = " + ".join([BUILTIN, *map(str, extra)])
     try:

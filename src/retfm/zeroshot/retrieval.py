@@ -160,8 +160,11 @@ class RetrievalIndex:
                 raise RetfmError(f"{path}: missing; the index folder is incomplete")
             if file_sha256(path) != meta["files"].get(name):
                 raise RetfmError(f"{path}: does not belong with {META_FILENAME} (its hash differs); rebuild the index")
-        index = faiss.read_index(str(folder / INDEX_FILENAME))
-        items = pq.read_table(folder / ITEMS_FILENAME).to_pandas()
+        try:
+            index = faiss.read_index(str(folder / INDEX_FILENAME))
+            items = pq.read_table(folder / ITEMS_FILENAME).to_pandas()
+        except (RuntimeError, OSError, pa.ArrowException) as exc:  # FAISS reports a damaged file as RuntimeError
+            raise RetfmError(f"{folder}: cannot read the index ({str(exc).splitlines()[0]})") from None
         if not (index.ntotal == len(items) == meta.get("count") and index.d == meta.get("dim")):
             raise RetfmError(f"{folder}: {INDEX_FILENAME} holds {index.ntotal} vectors of size {index.d}, "
                              f"{ITEMS_FILENAME} {len(items)} rows, {META_FILENAME} says {meta.get('count')} of size "

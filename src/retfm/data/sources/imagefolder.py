@@ -4,17 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from retfm.data.io import UNREADABLE_FILE
+from retfm.data.paths import OUTSIDE_INPUT, inside
 from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.errors import RetfmError
 
+HIDDEN_FILE = "hidden_file"
+
 
 def list_files(root: Path) -> list[SourceItem]:
-    """Every non-hidden file below ``root`` (hidden files are OS metadata such as .DS_Store), sorted."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                           p.relative_to(root).parts))
-    if not files:
+    """Every file and link below ``root``, sorted. Listed but never opened, each with its reason: hidden files
+    (a part of the path starts with '.': OS metadata such as .DS_Store), links that lead outside ``root``, and
+    links to something other than a file. A link to a folder inside ``root`` is skipped: its files are listed
+    where they lie."""
+    items = []
+    for path in sorted(root.rglob("*")):
+        if not (path.is_symlink() or path.is_file()):
+            continue
+        source = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in source.split("/")):
+            items.append(SourceItem(source, rejected=HIDDEN_FILE))
+        elif (real := inside(root, path)) is None:
+            items.append(SourceItem(source, rejected=OUTSIDE_INPUT))
+        elif not real.is_dir():
+            items.append(SourceItem(source, file=real, rejected=None if real.is_file() else UNREADABLE_FILE))
+    if not items:
         raise RetfmError(f"{root}: the folder holds no files")
-    return [SourceItem(source=p.relative_to(root).as_posix(), file=p) for p in files]
+    return items
 
 
 def list_imagefolder(root: Path, label_column: str) -> SourceListing:

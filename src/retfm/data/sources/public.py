@@ -3,9 +3,10 @@
 retfm never downloads them: point it at the folder you downloaded and unpacked (that folder or any folder above
 it). Each reader finds the official files below it, turns the published label coding into manifest columns and
 keeps official splits where the publisher released labels for every split. Values the source does not give are
-left out (null), never guessed. A table row whose image is absent is listed with ``rejected="missing_file"``, and
-a file in an image-folder dataset that sits in no recognised class folder with ``rejected="unknown_class"``, so
-the ingest report names each one and the rest carries on.
+left out (null), never guessed. A table row whose image is absent is listed with ``rejected="missing_file"``, a
+file in an image-folder dataset that sits in no recognised class folder with ``rejected="unknown_class"``, and an
+image that is a link out of the folder with ``rejected="outside_input"`` (``retfm.data.paths``), so the ingest
+report names each one and the rest carries on.
 
 Layouts and codings are documented in docs/data.md ("Public datasets").
 """
@@ -18,6 +19,7 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 
+from retfm.data.paths import OUTSIDE_INPUT, inside
 from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.data.sources.imagefolder import list_files
 from retfm.data.sources.table import MISSING_FILE
@@ -40,7 +42,10 @@ def _find(root: Path, description: str, *names: str, directory: bool = False, re
         if order is not None and path.is_dir() == directory and not any(part.startswith(".") for part in parts):
             candidates.append((len(parts), order, path.as_posix(), path))
     if candidates:
-        return min(candidates)[-1]
+        found = min(candidates)[-1]
+        if inside(root, found) is None:
+            raise RetfmError(f"{found}: {OUTSIDE_INPUT}: a link that leads outside {root}; not read")
+        return found
     if required:
         raise RetfmError(f"{root}: no {description} found (looked for {' or '.join(names)})")
     return None
@@ -64,10 +69,12 @@ class _Images:
         if not name:
             return SourceItem(source=where, columns=columns, rejected=MISSING_FILE)
         path = self.by_name.get(name.lower()) or self.by_stem.get(PurePath(name).stem.lower())
+        listed = path or self.folder / name  # the report names a missing image where it would have been
+        source = listed.relative_to(self.root).as_posix() if listed.is_relative_to(self.root) else name
         if path is None:
-            missing = (self.folder / name).relative_to(self.root).as_posix()
-            return SourceItem(source=missing, file=self.folder / name, columns=columns, rejected=MISSING_FILE)
-        return SourceItem(source=path.relative_to(self.root).as_posix(), file=path, columns=columns)
+            return SourceItem(source=source, columns=columns, rejected=MISSING_FILE)
+        real = inside(self.root, path)
+        return SourceItem(source=source, file=real, columns=columns, rejected=None if real else OUTSIDE_INPUT)
 
 
 def _class_items(root: Path) -> list[tuple[SourceItem, str | None]]:

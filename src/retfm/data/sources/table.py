@@ -2,7 +2,8 @@
 
 Columns are renamed with a mapping given on the command line (``--map level=dr_grade``) or in YAML
 (``columns: {level: dr_grade}``); the path column is found by name unless given. Paths are relative to
-``image_root`` (default: the CSV's folder); ``extension`` is appended to paths without one (APTOS-style ids).
+``image_root`` (default: the CSV's folder) and must lead to a file inside it (``retfm.data.paths``);
+``extension`` is appended to paths without one (APTOS-style ids).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path, PurePath
 import pandas as pd
 
 from retfm.data.manifest import CONVENTIONAL_COLUMNS
+from retfm.data.paths import OUTSIDE_INPUT, inside
 from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.errors import RetfmError
 
@@ -49,13 +51,15 @@ def list_csv(csv_path: Path | None, options) -> SourceListing:
         relative = str(relative)
         if options.extension and not PurePath(relative).suffix:
             relative += options.extension if options.extension.startswith(".") else "." + options.extension
-        item = SourceItem(source=relative, file=root / relative, columns=columns)
+        item = SourceItem(source=relative, file=inside(root, root / relative), columns=columns)
         if "split" in columns:
             split = SPLIT_ALIASES.get(str(columns["split"]).strip().lower())
             if split is None:
                 item.rejected = INVALID_SPLIT
             columns["split"] = split
-        if not item.file.is_file() and item.rejected is None:
+        if item.rejected is None and item.file is None:
+            item.rejected = OUTSIDE_INPUT
+        elif item.rejected is None and not item.file.is_file():
             item.rejected = MISSING_FILE
         items.append(item)
     label_columns = [c for c in table.columns if c != path_column and c not in CONVENTIONAL_COLUMNS]
