@@ -261,7 +261,7 @@ def test_a_cnn_student_sees_its_hidden_patches_filled_with_the_mask_colour():
     with torch.no_grad():
         objective.mask_token.copy_(torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1))
     seen = []
-    objective.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    objective.backbone.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # its stem
     images = _cnn_images(4)
     torch.manual_seed(1)
     mask = objective(images)["mask"].bool().view(4, 4, 4)  # 64 px in 16 px patches

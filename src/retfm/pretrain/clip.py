@@ -33,6 +33,7 @@ from torch import nn
 
 from retfm.errors import RetfmError
 from retfm.pretrain.sampling import BatchShard
+from retfm.runs import read_json
 
 CLIP_WEIGHTS = "clip.safetensors"
 CLIP_CARD = "clip.json"
@@ -140,7 +141,9 @@ def load_clip(path: str | Path) -> tuple[CLIP, dict]:
     card_path = folder / CLIP_CARD
     if not card_path.is_file():
         raise RetfmError(f"{folder}: no {CLIP_CARD}; pass the folder of a `retfm pretrain --objective clip` run")
-    card = json.loads(card_path.read_text())
+    card = read_json(card_path)
+    if not isinstance(card, dict) or not {"image_tower", "clip_options"} <= card.keys():
+        raise RetfmError(f"{card_path}: not a {CLIP_CARD} retfm wrote (no image_tower and clip_options)")
     backbone = create(folder / card["image_tower"])
     model = CLIP(backbone, **card["clip_options"])
     try:
