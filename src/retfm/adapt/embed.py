@@ -102,7 +102,7 @@ def embedding_identity(spec, model: torch.nn.Module) -> dict[str, str]:
     return {"retfm.model": spec.name, "retfm.weights_sha256": weights_sha256(model),
             "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
                                                "pooling": spec.pooling,
-                                               "resize": "antialiased, from the stored image"})}
+                                               "resize": f"antialiased {pre.interpolation}, from the stored image"})}
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

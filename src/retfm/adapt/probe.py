@@ -157,8 +157,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, sam
 
 def eigenbasis(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of the (weighted) second-moment matrix of ``x``, and ``x`` rotated into them;
-    computed once per head and shared by every C."""
-    eigenvalues, vectors = torch.linalg.eigh((x * weight[:, None]).T @ x / weight.sum())
+    computed once per head and shared by every C. In float64: with more features than rows (1280-wide CNN
+    embeddings, a few hundred images) most eigenvalues are near zero, where float32 LAPACK can fail to converge."""
+    moments = ((x * weight[:, None]).T @ x / weight.sum()).double()
+    if not torch.isfinite(moments).all():
+        raise RetfmError("probe: the embeddings hold values that are not finite numbers (a diverged model?)")
+    eigenvalues, vectors = (t.float() for t in torch.linalg.eigh(moments))
     return eigenvalues, vectors, x @ vectors
 
 
