@@ -95,6 +95,27 @@ def test_paired_bootstrap_and_delong_on_prediction_files(tmp_path):
         compare_predictions(a, other, "glaucoma")
 
 
+def test_comparison_on_some_sites_only(tmp_path):
+    """``sites`` compares the two models on those sites' images alone: the AUROCs are those of the subset."""
+    rng = np.random.default_rng(2)
+    labels = (rng.random(160) < 0.4).astype(int)
+    patients, sites = np.arange(160), np.repeat(["s1", "s2", "s3", "s4"], 40)
+    good = 1 / (1 + np.exp(-(3 * (labels - 0.5) + rng.normal(0, 1.5, 160))))
+    poor = rng.random(160)
+    a = _write(tmp_path / "a.parquet", _predictions(good, labels, patients).assign(site=sites))
+    b = _write(tmp_path / "b.parquet", _predictions(poor, labels, patients).assign(site=sites))
+    result = compare_predictions(a, b, "glaucoma", n_boot=200, sites=["s2", "s4"])
+    keep = np.isin(sites, ["s2", "s4"])
+    assert result["n"] == 80
+    assert result["value_a"] == pytest.approx(roc_auc_score(labels[keep], good[keep]))
+    assert result["value_b"] == pytest.approx(roc_auc_score(labels[keep], poor[keep]))
+    with pytest.raises(RetfmError, match="no test image of the sites"):
+        compare_predictions(a, b, "glaucoma", sites=["elsewhere"])
+    with pytest.raises(RetfmError, match="no site column"):
+        compare_predictions(_write(tmp_path / "c.parquet", _predictions(good, labels, patients)), b, "glaucoma",
+                            sites=["s1"])
+
+
 def test_paired_bootstrap_resamples_both_models_together():
     """With the same resamples, the spread of the difference of two highly correlated models is far smaller
     than the spread of either AUROC alone: resampling them independently would not give that."""

@@ -17,8 +17,9 @@ REFERENCE = SITES[0]
 
 
 def render(seed: int = 3, size: int = 192, *, eye: str = "R", dr_grade: int = 0, cdr: float = 0.3, amd: bool = False,
-           site: SiteProfile = REFERENCE) -> tuple[np.ndarray, dict]:
-    return render_fundus(np.random.default_rng(seed), size, eye=eye, dr_grade=dr_grade, cdr=cdr, amd=amd, site=site)
+           site: SiteProfile = REFERENCE, lesions: float = 1.0) -> tuple[np.ndarray, dict]:
+    return render_fundus(np.random.default_rng(seed), size, eye=eye, dr_grade=dr_grade, cdr=cdr, amd=amd, site=site,
+                         lesions=lesions)
 
 
 def disc_window(rgb: np.ndarray, geometry: dict, radii: float = 0.25) -> np.ndarray:
@@ -84,6 +85,7 @@ def test_labels_table_columns_rows_and_files(cohort):
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(table["path"].str[len("images/"):])
     assert set(table["eye"]) == {"L", "R"} and set(table["sex"]) <= {"F", "M"}
     assert table["dr_grade"].between(0, 4).all() and table["age"].between(18, 95).all()
+    assert (table["referable_dr"] == (table["dr_grade"] >= 2).astype(int)).all()
     assert set(table["glaucoma"]) <= {0, 1} and set(table["amd"]) <= {0, 1}
     assert (table["cdr"] == table["cdr"].round(2)).all()
     assert table.loc[table["glaucoma"] == 1, "cdr"].between(0.6, 0.9).all()
@@ -171,6 +173,16 @@ def test_same_generator_other_grade_same_eye_more_lesions():
     yy, xx = np.nonzero(new_vessels)
     near_disc = np.hypot(xx - geometry["disc_x"], yy - geometry["disc_y"]) < 0.3 * geometry["fov_r"]
     assert near_disc.mean() > 0.4  # a disc-centred circle of 9% of the FOV area holds most of them
+
+
+def test_subtler_lesions_change_fewer_pixels_and_leave_the_eye_alone():
+    base = render(dr_grade=0, size=256)[0].astype(int)
+    def changed(lesions):
+        return np.sum(np.abs(render(dr_grade=3, size=256, lesions=lesions)[0].astype(int) - base).max(axis=2) > 25)
+    assert 0 < changed(0.2) < changed(0.5) < changed(1.0)
+    assert np.array_equal(render(dr_grade=0, size=256, lesions=0.3)[0], base)  # no signs, nothing to scale
+    with pytest.raises(ValueError, match="lesions=0"):
+        render(lesions=0)
 
 
 def test_dark_red_lesions_on_every_site():

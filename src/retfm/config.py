@@ -76,6 +76,7 @@ class EmbedConfig(BaseModel):
     workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0,
                          description="decoding processes beside the model")
     split: Literal["train", "val", "test"] | None = Field(None, description="embed one split only")
+    image_size: int | None = Field(None, ge=16, description="input side in pixels (default: the model's input size)")
 
 
 class ProbeConfig(BaseModel):

@@ -92,7 +92,9 @@ def _encoder(config: EmbedConfig) -> tuple[ModelSpec, torch.nn.Module]:
         return spec, ImageTower(clip)
     if config.weights == "random":
         torch.manual_seed(0)  # a random-weights baseline is the same network every time, so it can be resumed
-    return model_spec(config.model), create(config.model, weights=config.weights)
+    spec = model_spec(config.model)
+    size = config.image_size or spec.input_size
+    return dataclasses.replace(spec, input_size=size), create(config.model, weights=config.weights, img_size=size)
 
 
 def embedding_identity(spec, model: torch.nn.Module) -> dict[str, str]:

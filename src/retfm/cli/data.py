@@ -71,13 +71,16 @@ def phantoms(
     per_site: int = typer.Option(40, "--per-site", min=1, help="images per site (two eyes per patient)"),
     size: int = typer.Option(256, "--size", min=32, help="base image side in pixels"),
     seed: int = typer.Option(0, "--seed", help="random seed (same seed, same bytes)"),
+    lesions: float = typer.Option(1.0, "--lesions", min=0.01, max=1.0,
+                                  help="opacity of the disease signs (below 1: subtler lesions)"),
 ) -> None:
     """Draw a multi-site cohort of synthetic fundus photographs with visible disease signs and demographics."""
     from retfm.data.phantoms import generate_cohort
 
     with progress_bar("phantoms") as (total, advance):
         total(sites * per_site)
-        table = generate_cohort(out, sites=sites, per_site=per_site, size=size, seed=seed, progress=advance)
+        table = generate_cohort(out, sites=sites, per_site=per_site, size=size, seed=seed, progress=advance,
+                                lesions=lesions)
     stdout.print(f"wrote {len(table)} phantom images from {sites} site(s) to {out} (labels: {out / 'labels.csv'})")
 
 

@@ -1,36 +1,67 @@
-"""``retfm demo``: the whole road on built-in data (phantoms -> de-identified ingest -> federated pretraining ->
-probes -> per-site evaluation -> report)."""
+"""``retfm demo``: what a federation of sites gains, end to end (phantoms or your own ingest -> federated, pooled
+and local-only pretraining from the ImageNet start -> probes -> paired comparisons -> report)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from retfm.cli.common import console, stdout
+from retfm.cli.common import SetOption, console, stdout
 
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for every stage's files and report.html"),
-    data: Path = typer.Option(None, "--data", help="an ingest folder with several sites instead of phantoms"),
-    quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 rounds: about a minute on two cores"),
+    data: Path = typer.Option(None, "--data", help="a labelled ingest folder of your own instead of phantoms"),
+    label: str = typer.Option(None, "--label", help="label the probes predict [default: referable_dr]"),
+    sites: int = typer.Option(None, "--sites", help="deal the patients into N sites [default: the data's site "
+                                                    "column]"),
+    quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 short rounds: about a minute"),
+    sets: list[str] = typer.Option(None, "--set", help=SetOption + "; see retfm.demo.DemoConfig"),
 ) -> None:
-    """Build and evaluate a small global model end to end on built-in data; writes OUT/report.html."""
-    from retfm.demo import LABELS, run_demo
+    """Federated pretraining from the ImageNet start against pooled, each site alone, the start and random
+    weights, on built-in phantoms or your own photographs; writes OUT/report.html."""
+    from retfm.config import load_config
+    from retfm.demo import QUICK, DemoConfig, run_demo
 
-    results = run_demo(out, data, quick, say=lambda line: console.print(line, highlight=False))
-    table = Table(title="test AUROC (95% CI)")
-    table.add_column("model")
-    for label in LABELS:
-        table.add_column(label, justify="right")
-    for name, per_label in results["models"].items():
-        cells = []
-        for label in LABELS:
-            auroc = per_label[label]["overall"]["auroc"]
-            ci = auroc.get("ci") or [None, None]
-            cells.append("undefined" if auroc["value"] is None else f"{auroc['value']:.3f}"
-                         + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci[0] is not None else ""))
-        table.add_row(name, *cells)
-    stdout.print(table)
-    stdout.print(f"report: {out / 'report.html'}  ({sum(results['seconds'].values()) / 60:.1f} min)")
+    options = {**(QUICK if quick else {}), "data": str(data) if data else None, "label": label, "sites": sites}
+    config = load_config(DemoConfig, None, options, sets)
+    with _Bars() as bars:
+        results = run_demo(out, config, bars)
+    for sentence in results["findings"]:
+        stdout.print(f"- {sentence}", highlight=False)
+    minutes = sum(results["seconds"].values()) / 60
+    stdout.print(f"report: {out / 'report.html'}  ({minutes:.1f} min)")
+
+
+class _Bars:
+    """Two rich bars: the whole run (with the time left, from the stages' estimated weights) and the stage."""
+
+    def __init__(self):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 TextColumn("left"), TimeRemainingColumn(), console=console, transient=False)
+        self.whole = self.progress.add_task("retfm demo", total=None)
+        self.current = None
+        self.weight = 0.0
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def total(self, seconds: float) -> None:
+        self.progress.update(self.whole, total=seconds)
+
+    def stage(self, name: str, units: int, seconds_per_unit: float) -> None:
+        if self.current is not None:
+            self.progress.update(self.current, completed=self.progress.tasks[self.current].total)
+            self.progress.stop_task(self.current)
+        self.current = self.progress.add_task(f"  {name}", total=units)
+        self.weight = seconds_per_unit
+
+    def advance(self, units: int = 1) -> None:
+        self.progress.advance(self.current, units)
+        self.progress.advance(self.whole, units * self.weight)

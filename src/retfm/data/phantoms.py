@@ -42,7 +42,8 @@ ETHNICITY_MIX = {  # rough population shares, so that group sizes differ between
                   ("Mixed or other", 0.06)),
 }
 LABEL_COLUMNS = ("path", "patient_id", "eye", "site", "country", "sex", "age", "ethnicity", "device",
-                 "dr_grade", "glaucoma", "amd", "cdr")
+                 "dr_grade", "referable_dr", "glaucoma", "amd", "cdr")
+REFERABLE_GRADE = 2  # referable diabetic retinopathy: moderate non-proliferative or worse
 REFERENCE_DR_GRADES = (0.55, 0.15, 0.15, 0.08, 0.07)  # enriched for disease, so that small cohorts hold every grade
 
 _SITE_STREAM, _PATIENT_STREAM, _IMAGE_STREAM = 0, 1, 2
@@ -302,7 +303,9 @@ def _count(rng: np.random.Generator, mean: float) -> int:
     return max(int(rng.poisson(mean)), 1) if mean else 0  # a sign that belongs to the grade is never absent
 
 
-def _draw_lesions(rng: np.random.Generator, rgb: np.ndarray, eye: _Eye, dr_grade: int, amd: bool) -> None:
+def _draw_lesions(rng: np.random.Generator, rgb: np.ndarray, eye: _Eye, dr_grade: int, amd: bool,
+                  strength: float = 1.0) -> None:
+    """Draw the grade's signs (and drusen for AMD); ``strength`` scales every sign's opacity (1: full)."""
     micro, blots, flames, exudates, cotton_wool, new_vessels = DR_SIGNS[dr_grade]
     # one generator per sign, so that adding a sign (a higher grade, AMD) leaves the others where they were
     micro_rng, blot_rng, flame_rng, exudate_rng, drusen_rng, cotton_rng, growth_rng = rng.spawn(7)
@@ -320,23 +323,23 @@ def _draw_lesions(rng: np.random.Generator, rgb: np.ndarray, eye: _Eye, dr_grade
     for x, y in _scatter(flame_rng, eye, flames, eye.disc, 0.25):
         along = math.degrees(math.atan2(y - eye.disc[1], x - eye.disc[0]))  # nerve fibres run radially from the disc
         _oval(blood, (x, y), (0.055 * r, 0.014 * r), along, 0.85)
-    _absorb(rgb, _soften(blood, 0.004 * r), (0.5, 0.85, 0.85))
+    _absorb(rgb, strength * _soften(blood, 0.004 * r), (0.5, 0.85, 0.85))
 
     for centre in _scatter(exudate_rng, eye, (exudates + 7) // 8, eye.fovea, 0.12):  # clusters near the macula
         for x, y in _scatter(exudate_rng, eye, 8, tuple(centre), 0.04):
             _dot(pale, (x, y), exudate_rng.uniform(0.006, 0.013) * r)
-    _paint(rgb, _soften(pale, 0.002 * r), (250, 225, 105))
+    _paint(rgb, strength * _soften(pale, 0.002 * r), (250, 225, 105))
 
     if amd:  # drusen: soft, duller yellow spots scattered around the fovea
         drusen = np.zeros((height, width), np.float32)
         for x, y in _scatter(drusen_rng, eye, int(drusen_rng.integers(25, 60)), eye.fovea, 0.13):
             _dot(drusen, (x, y), drusen_rng.uniform(0.008, 0.022) * r, 0.8)
-        _paint(rgb, _soften(drusen, 0.005 * r), (235, 205, 115))
+        _paint(rgb, strength * _soften(drusen, 0.005 * r), (235, 205, 115))
 
     for x, y in _scatter(cotton_rng, eye, cotton_wool, pole, 0.3):  # fluffy pale patches
         for dx, dy in cotton_rng.normal(0, 0.015 * r, (3, 2)):
             _oval(white, (x + dx, y + dy), (0.035 * r, 0.022 * r), cotton_rng.uniform(0, 180), 0.85)
-    _paint(rgb, _soften(white, 0.012 * r), (240, 235, 215))
+    _paint(rgb, strength * _soften(white, 0.012 * r), (240, 235, 215))
 
     if new_vessels:  # fine tortuous loops on and around the disc, and a few tufts elsewhere
         tufts = [eye.disc] * new_vessels + [tuple(p) for p in _scatter(growth_rng, eye, 2, pole, 0.3)]
@@ -347,28 +350,31 @@ def _draw_lesions(rng: np.random.Generator, rgb: np.ndarray, eye: _Eye, dr_grade
                 points = start + np.cumsum(0.012 * r * np.stack([np.cos(headings), np.sin(headings)], 1), axis=0)
                 cv2.polylines(growth, [np.round(points * 16).astype(np.int32)], False, 1.0, max(1, round(0.005 * r)),
                               cv2.LINE_AA, 4)
-        _absorb(rgb, growth, (0.35, 0.75, 0.7))
+        _absorb(rgb, strength * growth, (0.35, 0.75, 0.7))
 
 
 # ---- camera -----------------------------------------------------------------------------------------------------
 
 def render_fundus(rng: np.random.Generator, size: int, *, eye: str, dr_grade: int, cdr: float, amd: bool,
-                  site: SiteProfile) -> tuple[np.ndarray, dict]:
-    """Draw one phantom fundus photograph as ``site``'s camera would take it.
+                  site: SiteProfile, lesions: float = 1.0) -> tuple[np.ndarray, dict]:
+    """Draw one phantom fundus photograph as ``site``'s camera would take it; ``lesions`` (0-1] scales the opacity
+    of every disease sign (below 1: subtler lesions, a harder task).
 
     Returns
     -------
     rgb : H x W x 3 uint8; H = round(size * site.scale), W = H for the "circle" layout and 4/3 H for "clipped".
     geometry : dict with ``fov_cx``, ``fov_cy``, ``fov_r``, ``disc_x``, ``disc_y`` in that image's pixels.
     """
-    if eye not in ("L", "R") or dr_grade not in DR_SIGNS or not 0 < cdr < 1 or site.layout not in ("circle", "clipped"):
-        raise ValueError(f"bad phantom request: eye={eye!r} dr_grade={dr_grade!r} cdr={cdr!r} layout={site.layout!r}")
+    if (eye not in ("L", "R") or dr_grade not in DR_SIGNS or not 0 < cdr < 1 or site.layout not in ("circle", "clipped")
+            or not 0 < lesions <= 1):
+        raise ValueError(f"bad phantom request: eye={eye!r} dr_grade={dr_grade!r} cdr={cdr!r} layout={site.layout!r} "
+                         f"lesions={lesions!r}")
     anatomy_rng, lesion_rng, camera_rng = rng.spawn(3)
     clipped = site.layout == "clipped"
     height, width = size, round(size * 4 / 3) if clipped else size
     placed = _place_eye(anatomy_rng, height, width, size * (0.6 if clipped else 0.46), eye)
     rgb = _draw_fundus(anatomy_rng, placed, height, width, cdr)
-    _draw_lesions(lesion_rng, rgb, placed, dr_grade, amd)
+    _draw_lesions(lesion_rng, rgb, placed, dr_grade, amd, lesions)
 
     yy, xx = np.arange(height, dtype=np.float32)[:, None], np.arange(width, dtype=np.float32)[None, :]
     distance = np.hypot(xx - placed.cx, yy - placed.cy)
@@ -438,9 +444,10 @@ def _draw_patient(rng: np.random.Generator, site: SiteProfile) -> dict:
 
 
 def generate_cohort(out: Path, sites: int, per_site: int, size: int = 256, seed: int = 0,
-                    progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+                    progress: Callable[[int], None] | None = None, lesions: float = 1.0) -> pd.DataFrame:
     """Write ``sites * per_site`` phantom photographs to ``out/images/*.jpg`` and their labels to
-    ``out/labels.csv`` (columns :data:`LABEL_COLUMNS`); return the labels. Two eyes per patient, right first."""
+    ``out/labels.csv`` (columns :data:`LABEL_COLUMNS`); return the labels. Two eyes per patient, right first.
+    ``lesions``: the disease signs' opacity (see :func:`render_fundus`)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -451,12 +458,14 @@ def generate_cohort(out: Path, sites: int, per_site: int, size: int = 256, seed:
             patient = _draw_patient(_rng(seed, _PATIENT_STREAM, site_index, patient_index), site)
             labels = patient["eyes"][eye]
             rgb, _ = render_fundus(_rng(seed, _IMAGE_STREAM, site_index, image_index), size, eye=eye,
-                                   dr_grade=labels["dr_grade"], cdr=labels["cdr"], amd=bool(labels["amd"]), site=site)
+                                   dr_grade=labels["dr_grade"], cdr=labels["cdr"], amd=bool(labels["amd"]), site=site,
+                                   lesions=lesions)
             path = f"images/{site.name}_P{patient_index + 1:04d}_{eye}.jpg"
             Image.fromarray(rgb).save(out / path, format="JPEG", quality=site.jpeg_quality)  # PIL writes no EXIF
             rows.append({"path": path, "patient_id": f"{site.name}-P{patient_index + 1:04d}", "eye": eye,
                          "site": site.name, "country": site.country, "sex": patient["sex"], "age": patient["age"],
-                         "ethnicity": patient["ethnicity"], "device": site.device, **labels})
+                         "ethnicity": patient["ethnicity"], "device": site.device,
+                         "referable_dr": int(labels["dr_grade"] >= REFERABLE_GRADE), **labels})
             if progress is not None:
                 progress(1)
     table = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))

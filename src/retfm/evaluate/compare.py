@@ -112,12 +112,20 @@ def paired_bootstrap(a: Outcomes, b: Outcomes, clusters: np.ndarray, n_boot: int
 
 
 def compare_predictions(path_a: str | Path, path_b: str | Path, label: str, n_boot: int = 1000,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, sites: list[str] | None = None) -> dict:
     """Compare two ``predictions.parquet`` files on their common test images: AUROC of each, the difference
     a - b with its paired-bootstrap 95% CI and p-value, and DeLong's p-value when the task is binary.
-    The files must hold the same images with the same labels."""
+    The files must hold the same images with the same labels. ``sites``: compare on these sites' images only."""
     table_a, info_a = read_predictions(path_a)
     table_b, info_b = read_predictions(path_b)
+    if sites is not None:
+        for path, table in ((path_a, table_a), (path_b, table_b)):
+            if "site" not in table:
+                raise RetfmError(f"{path}: has no site column to choose the sites {sites} by")
+        table_a = table_a[table_a["site"].astype(str).isin(sites)].reset_index(drop=True)
+        table_b = table_b[table_b["site"].astype(str).isin(sites)].reset_index(drop=True)
+        if table_a.empty:
+            raise RetfmError(f"{path_a}: holds no test image of the sites {sites}")
     if (info_a["classes"], info_a["task"]) != (info_b["classes"], info_b["task"]):
         raise RetfmError(f"{path_b}: classes or task differ from {path_a}; they do not predict the same label")
     if set(table_a["image_id"]) != set(table_b["image_id"]) or len(table_a) != len(table_b):
