@@ -213,23 +213,28 @@ def main() -> None:
     cohort = prepare(work / "cohort", args.mexfundus)
     site_steps = args.rounds * args.local_steps
     seconds = {}
-    for strategy in ("fedavg", "fedmedian"):
+
+    def federated_pretraining(strategy: str) -> None:
         seconds[strategy] = federate(work / strategy, {
             "data": str(cohort), "task": "pretrain", "pretrain": recipe(), "rounds": args.rounds,
             "local_steps": args.local_steps, "strategy": strategy})
+
+    # the done-when comparisons first (FedAvg, pooled, each site alone), then fine-tuning, then the robust strategy
+    federated_pretraining("fedavg")
     seconds["pooled"] = pretrain(work / "pooled", cohort, site_steps * len(SITES))
     for site in SITES:
         seconds[f"local {site}"] = pretrain(work / f"local-{site}", cohort, site_steps, site)
-    print("pretraining seconds", seconds, flush=True)
-
     models = {"random": ["--model", "efficientnet-lite0", "--weights", "random"],
               "imagenet": ["--model", "efficientnet-lite0"],
               **{name: ["--model", str(work / name.replace(" ", "-") / "model.safetensors")]
-                 for name in ("fedavg", "fedmedian", "pooled", *(f"local {s}" for s in SITES))}}
+                 for name in ("fedavg", "pooled", *(f"local {s}" for s in SITES))}}
     probes = {name: probe(work, cohort, name, model) for name, model in models.items()}
     finetunes = {"fedavg": federated_finetune(work, cohort, args.finetune_rounds, args.finetune_steps),
                  **{f"local {s}": local_finetune(work, cohort, s, args.finetune_rounds, args.finetune_steps)
                     for s in SITES}}
+    federated_pretraining("fedmedian")
+    probes["fedmedian"] = probe(work, cohort, "fedmedian", ["--model", str(work / "fedmedian" / "model.safetensors")])
+    print("pretraining seconds", seconds, flush=True)
 
     manifest = pd.read_parquet(cohort / "manifest.parquet")
     labelled = manifest[manifest[LABEL].notna()]

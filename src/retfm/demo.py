@@ -70,12 +70,12 @@ class DemoConfig(BaseModel):
     lesions: float = Field(0.15, gt=0, le=1, description="phantom cohort: opacity of the disease signs")
     rounds: int = Field(3, ge=1, description="federated rounds")
     local_steps: int = Field(6, ge=1, description="optimiser steps per site and round")
-    batch_size: int = Field(32, ge=2)
+    batch_size: int = Field(32, ge=2, description="images per pretraining step")
     blr: float = Field(8e-4, gt=0, description="base learning rate of token reconstruction (lr = blr * batch / 256)")
     generator_steps: int = Field(150, ge=0, description="the site generator's training steps (0: no generator)")
     generator_images: int = Field(32, ge=1, description="images sampled from the generator")
     bootstrap: int = Field(500, ge=50, description="bootstrap resamples of every CI and paired difference")
-    seed: int = 0
+    seed: int = Field(0, description="phantoms, splits of --sites, pretraining draws, probes and bootstraps")
 
 
 QUICK = {"phantom_sites": 3, "phantom_per_site": 60, "rounds": 2, "local_steps": 3, "generator_steps": 20,
@@ -172,7 +172,8 @@ def run_demo(out: Path, config: DemoConfig, progress: Progress | None = None) ->
         if direction == "received" and message.metadata.message_type.startswith("train"):
             progress.advance()
 
-    stage(f"federated ({len(sites)} sites x {config.rounds} rounds)", len(sites) * config.rounds, site_round, lambda: simulate(federated, out / "federated", recorder=replies))
+    stage(f"federated ({len(sites)} sites x {config.rounds} rounds)", len(sites) * config.rounds, site_round,
+          lambda: simulate(federated, out / "federated", recorder=replies))
     models = {FEDERATED: out / "federated" / MODEL_FILENAME, POOLED: out / "pooled" / MODEL_FILENAME}
     stage("pooled", len(sites) * steps, SECONDS["pretrain step"], lambda: pretrain(
         PretrainConfig(**options, data=[str(cohort)], steps=len(sites) * steps), out / "pooled",
@@ -186,9 +187,9 @@ def run_demo(out: Path, config: DemoConfig, progress: Progress | None = None) ->
     results: dict = {"label": config.label, "sites": sites, "models": {}, "seconds": seconds,
                      "config": config.model_dump(), "retfm_version": __version__}
     if config.generator_steps:
-        results["generator"] = stage(f"generator at {sites[0]}", config.generator_steps,
-                                     SECONDS["generator step"], lambda: site_generator(cohort, sites[0], out / "synth", config,
-                                                                               progress.advance))
+        results["generator"] = stage(
+            f"generator at {sites[0]}", config.generator_steps, SECONDS["generator step"],
+            lambda: site_generator(cohort, sites[0], out / "synth", config, progress.advance))
     predictions = {}
     for name, path in {RANDOM: "random", START: None, **models}.items():
         slug = _slug(name)
@@ -468,16 +469,18 @@ probe.</p>
 {% for title, c in r.comparisons.items() %}<tr><td>{{ title }}</td><td>{{ c.n }}</td><td>{{ c.value_a | num }}</td>
 <td>{{ c.value_b | num }}</td><td>{{ c.difference | num }} ({{ c.ci_low | num }} to {{ c.ci_high | num }})</td>
 <td>{{ c.p_bootstrap | num }}</td>
-<td>{% if c.ci_low is none %}&ndash;{% elif c.ci_low > 0 or c.ci_high < 0 %}yes{% else %}no: the interval holds 0{% endif %}</td></tr>
+<td>{% if c.ci_low is none %}&ndash;{% elif c.ci_low > 0 or c.ci_high < 0 %}yes
+{% else %}no: the interval holds 0{% endif %}</td></tr>
 {% endfor %}</table>
 
 <h2>Test AUROC per model and site</h2>
 <table><tr><th>model</th><th>all sites (95% CI)</th>{% for site in r.sites %}<th>{{ site }}</th>{% endfor %}</tr>
 {% for name, m in r.models.items() %}<tr><td><a href="{{ m.probe }}/report.html">{{ name }}</a></td>
 <td>{{ m.auroc | num }} {{ m.ci | ci }}</td>
-{% for site in r.sites %}{% set g = m.groups.site.get(site) %}<td>{% if g %}{{ g.auroc | num }}{% else %}&ndash;{% endif %}</td>
-{% endfor %}</tr>{% endfor %}</table>
-<p class="muted">Intervals of different models overlap where their paired comparison above says "no".</p>
+{% for site in r.sites %}{% set g = m.groups.site.get(site) %}
+<td>{% if g %}{{ g.auroc | num }}{% else %}&ndash;{% endif %}</td>{% endfor %}</tr>{% endfor %}</table>
+<p class="muted">Overlapping intervals do not settle which of two models is better; the paired comparisons above
+do, on the same patients.</p>
 
 {% for column in ["country", "sex"] %}{% if r.models[fed].groups.get(column) %}
 <h2>Federated model per {{ column }}</h2>
