@@ -69,7 +69,7 @@ class DemoConfig(BaseModel):
     phantom_per_site: int = Field(100, ge=8, description="phantom cohort: images per site")
     lesions: float = Field(0.15, gt=0, le=1, description="phantom cohort: opacity of the disease signs")
     rounds: int = Field(3, ge=1, description="federated rounds")
-    local_steps: int = Field(6, ge=1, description="optimiser steps per site and round")
+    local_steps: int = Field(5, ge=1, description="optimiser steps per site and round")
     batch_size: int = Field(32, ge=2, description="images per pretraining step")
     blr: float = Field(8e-4, gt=0, description="base learning rate of token reconstruction (lr = blr * batch / 256)")
     generator_steps: int = Field(150, ge=0, description="the site generator's training steps (0: no generator)")
@@ -78,12 +78,12 @@ class DemoConfig(BaseModel):
     seed: int = Field(0, description="phantoms, splits of --sites, pretraining draws, probes and bootstraps")
 
 
-QUICK = {"phantom_sites": 3, "phantom_per_site": 60, "rounds": 2, "local_steps": 3, "generator_steps": 20,
-         "generator_images": 8, "bootstrap": 200}
+QUICK = {"phantom_sites": 3, "phantom_per_site": 60, "image_size": 96, "rounds": 2, "local_steps": 2,
+         "generator_steps": 20, "generator_images": 8, "bootstrap": 200}
 # Seconds per unit of work on 2 CPU cores at 128 px (measured by `retfm demo`'s own stage timings): they weigh the
 # stages for the whole run's time-left estimate, nothing else.
-SECONDS = {"phantom": 0.02, "ingest": 0.01, "pretrain step": 0.5, "site round": 1.5, "generator step": 0.15,
-           "embed image": 0.006, "probe": 2.0, "comparison": 0.5}
+SECONDS = {"phantom": 0.017, "ingest": 0.008, "pretrain step": 1.0, "site round": 1.8, "generator step": 0.2,
+           "embed image": 0.006, "probe": 2.0, "comparison": 0.1}
 # benchmarks/synth.py's learning rate for a small UNet's short run (10x SynthTrainConfig's default)
 GENERATOR = {"size": 32, "block_out_channels": (16, 32, 64), "batch_size": 16, "lr": 2e-3, "warmup_steps": 10,
              "workers": 0}
