@@ -21,7 +21,7 @@ never saw. Then the classifier itself: ``retfm federated run`` with ``task: fine
 ImageNet start, FedAvg) against each site fine-tuning alone for the same rounds and steps (the same local
 function, one site). 95% CIs and paired bootstrap differences (patients resampled) from ``retfm.evaluate``.
 
-    python benchmarks/federated_value.py [--out benchmarks/_work/federated_value] [--rounds 5] [--local-steps 12]
+    python benchmarks/federated_value.py [--out benchmarks/_work/federated_value] [--parts pretrain,finetune,robust]
 
 Every stage is cached in ``--out`` (a rerun continues); results go to ``OUT/results.json``.
 """
@@ -207,62 +207,72 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=12)
     parser.add_argument("--finetune-rounds", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=10)
+    parser.add_argument("--parts", default="pretrain,finetune,robust",
+                        help="pretrain: FedAvg, pooled, each site alone and their probes; finetune: federated "
+                             "against single-site fine-tuning; robust: FedMedian pretraining and its probe")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     cohort = prepare(work / "cohort", args.mexfundus)
     site_steps = args.rounds * args.local_steps
     seconds = {}
+    others = {s: [o for o in SITES if o != s] for s in SITES}
+    results: dict = {"settings": {"rounds": args.rounds, "local_steps": args.local_steps,
+                                  "finetune_rounds": args.finetune_rounds, "finetune_steps": args.finetune_steps,
+                                  "shares": {str(k): v for k, v in SHARES.items()}},
+                     "sites": site_counts(cohort), "pretraining_seconds": seconds}
 
     def federated_pretraining(strategy: str) -> None:
         seconds[strategy] = federate(work / strategy, {
             "data": str(cohort), "task": "pretrain", "pretrain": recipe(), "rounds": args.rounds,
             "local_steps": args.local_steps, "strategy": strategy})
 
-    # the done-when comparisons first (FedAvg, pooled, each site alone), then fine-tuning, then the robust strategy
-    federated_pretraining("fedavg")
-    seconds["pooled"] = pretrain(work / "pooled", cohort, site_steps * len(SITES))
-    for site in SITES:
-        seconds[f"local {site}"] = pretrain(work / f"local-{site}", cohort, site_steps, site)
-    models = {"random": ["--model", "efficientnet-lite0", "--weights", "random"],
-              "imagenet": ["--model", "efficientnet-lite0"],
-              **{name: ["--model", str(work / name.replace(" ", "-") / "model.safetensors")]
-                 for name in ("fedavg", "pooled", *(f"local {s}" for s in SITES))}}
-    probes = {name: probe(work, cohort, name, model) for name, model in models.items()}
-    finetunes = {"fedavg": federated_finetune(work, cohort, args.finetune_rounds, args.finetune_steps),
-                 **{f"local {s}": local_finetune(work, cohort, s, args.finetune_rounds, args.finetune_steps)
-                    for s in SITES}}
-    federated_pretraining("fedmedian")
-    probes["fedmedian"] = probe(work, cohort, "fedmedian", ["--model", str(work / "fedmedian" / "model.safetensors")])
-    print("pretraining seconds", seconds, flush=True)
-
-    manifest = pd.read_parquet(cohort / "manifest.parquet")
-    labelled = manifest[manifest[LABEL].notna()]
-    results = {
-        "sites": {s: {split: {"images": int((part["split"] == split).sum()),
-                              "referable": int(part.loc[part["split"] == split, LABEL].sum())}
-                      for split in ("train", "val", "test")} | {"all images": int((manifest["site"] == s).sum())}
-                  for s, part in ((s, labelled[labelled["site"] == s]) for s in SITES)},
-        "pretraining_seconds": seconds,
-        "probe": {name: aurocs(path) for name, path in probes.items()},
-        "finetune": {name: aurocs(path) for name, path in finetunes.items()},
-        "probe_pairs": {"fedavg - pooled": compare(probes["fedavg"], probes["pooled"]),
-                        "fedmedian - pooled": compare(probes["fedmedian"], probes["pooled"]),
-                        "fedavg - imagenet": compare(probes["fedavg"], probes["imagenet"]),
-                        "imagenet - random": compare(probes["imagenet"], probes["random"]),
-                        **{f"fedavg - local {s} (other sites)": compare(probes["fedavg"], probes[f"local {s}"],
-                                                                        [o for o in SITES if o != s])
-                           for s in SITES}},
-        "finetune_pairs": {f"fedavg - local {s} (other sites)": compare(finetunes["fedavg"], finetunes[f"local {s}"],
-                                                                        [o for o in SITES if o != s])
-                           for s in SITES},
-        "settings": {"rounds": args.rounds, "local_steps": args.local_steps, "finetune_rounds": args.finetune_rounds,
-                     "finetune_steps": args.finetune_steps, "shares": {str(k): v for k, v in SHARES.items()}},
-    }
-    results["fedavg_over_pooled"] = round(results["probe"]["fedavg"]["overall"] / results["probe"]["pooled"]["overall"],
-                                          4)
+    if "pretrain" in parts:  # the done-when comparisons
+        federated_pretraining("fedavg")
+        seconds["pooled"] = pretrain(work / "pooled", cohort, site_steps * len(SITES))
+        for site in SITES:
+            seconds[f"local {site}"] = pretrain(work / f"local-{site}", cohort, site_steps, site)
+        models = {"random": ["--model", "efficientnet-lite0", "--weights", "random"],
+                  "imagenet": ["--model", "efficientnet-lite0"],
+                  **{name: ["--model", str(work / name.replace(" ", "-") / "model.safetensors")]
+                     for name in ("fedavg", "pooled", *(f"local {s}" for s in SITES))}}
+        probes = {name: probe(work, cohort, name, model) for name, model in models.items()}
+        results["probe"] = {name: aurocs(path) for name, path in probes.items()}
+        results["probe_pairs"] = {
+            "fedavg - pooled": compare(probes["fedavg"], probes["pooled"]),
+            "fedavg - imagenet": compare(probes["fedavg"], probes["imagenet"]),
+            "imagenet - random": compare(probes["imagenet"], probes["random"]),
+            **{f"fedavg - local {s} (other sites)": compare(probes["fedavg"], probes[f"local {s}"], others[s])
+               for s in SITES}}
+        results["fedavg_over_pooled"] = round(results["probe"]["fedavg"]["overall"]
+                                              / results["probe"]["pooled"]["overall"], 4)
+    if "finetune" in parts:
+        finetunes = {"fedavg": federated_finetune(work, cohort, args.finetune_rounds, args.finetune_steps),
+                     **{f"local {s}": local_finetune(work, cohort, s, args.finetune_rounds, args.finetune_steps)
+                        for s in SITES}}
+        results["finetune"] = {name: aurocs(path) for name, path in finetunes.items()}
+        results["finetune_pairs"] = {f"fedavg - local {s} (other sites)": compare(
+            finetunes["fedavg"], finetunes[f"local {s}"], others[s]) for s in SITES}
+    if "robust" in parts:
+        federated_pretraining("fedmedian")
+        robust = probe(work, cohort, "fedmedian", ["--model", str(work / "fedmedian" / "model.safetensors")])
+        results.setdefault("probe", {})["fedmedian"] = aurocs(robust)
+        results.setdefault("probe_pairs", {})["fedmedian - pooled"] = compare(
+            robust, work / "probes" / "pooled" / "predictions.parquet")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+
+
+def site_counts(cohort: Path) -> dict:
+    """Labelled images and referable ones per site and split, and all images per site."""
+    manifest = pd.read_parquet(cohort / "manifest.parquet")
+    labelled = manifest[manifest[LABEL].notna()]
+    return {site: {split: {"images": int(((labelled["site"] == site) & (labelled["split"] == split)).sum()),
+                           "referable": int(labelled.loc[(labelled["site"] == site) & (labelled["split"] == split),
+                                                         LABEL].sum())}
+                   for split in ("train", "val", "test")} | {"all images": int((manifest["site"] == site).sum())}
+            for site in SITES}
 
 
 if __name__ == "__main__":

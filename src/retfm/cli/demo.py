@@ -17,7 +17,7 @@ def demo(
     label: str = typer.Option(None, "--label", help="label the probes predict [default: referable_dr]"),
     sites: int = typer.Option(None, "--sites", help="deal the patients into N sites [default: the data's site "
                                                     "column]"),
-    quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 short rounds: about a minute"),
+    quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 short rounds at 96 px: about 80 s"),
     sets: list[str] = typer.Option(None, "--set", help=SetOption + "; see retfm.demo.DemoConfig"),
 ) -> None:
     """Federated pretraining from the ImageNet start against pooled, each site alone, the start and random
