@@ -191,6 +191,7 @@ def run_demo(out: Path, config: DemoConfig, progress: Progress | None = None) ->
             f"generator at {sites[0]}", config.generator_steps, SECONDS["generator step"],
             lambda: site_generator(cohort, sites[0], out / "synth", config, progress.advance))
     predictions = {}
+    probe_units = round(SECONDS["probe"] / SECONDS["embed image"])  # a probe, counted in embedded images' weight
     for name, path in {RANDOM: "random", START: None, **models}.items():
         slug = _slug(name)
         embeddings = out / "embeddings" / f"{slug}.parquet"
@@ -203,10 +204,10 @@ def run_demo(out: Path, config: DemoConfig, progress: Progress | None = None) ->
             embed(cohort, e, c, progress=progress.advance)
             metrics = probe(e, f, ProbeConfig(label=config.label, by=groups, bootstrap=config.bootstrap,
                                               seed=config.seed))
-            progress.advance(round(SECONDS["probe"] / SECONDS["embed image"]))
+            progress.advance(probe_units)
             return metrics
 
-        metrics = stage(f"{name}: embed, probe", len(table) + round(SECONDS["probe"] / SECONDS["embed image"]),
+        metrics = stage(f"{name}: embed, probe", len(table) + probe_units,
                         SECONDS["embed image"], embed_and_probe)
         results["models"][name] = summary(metrics, folder.relative_to(out))
         predictions[name] = folder / "predictions.parquet"
