@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from retfm.adapt import embed as embed_module
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
 from retfm.config import EmbedConfig, IngestConfig
@@ -71,10 +70,16 @@ def test_auto_keeps_the_fastest_faithful_engine_and_fp32_where_the_cpu_has_no_bf
     model = create("vit-demo-p8", weights="random")
     batch = images("vit-demo-p8")
     chosen = select(model, batch, identity="vit-demo-p8")
-    tried = chosen.fidelity["tried"]
-    faithful = [t for t in tried if t["cosine_min"] >= 0.9999 and t["centred_cosine_min"] >= 0.999]
-    assert chosen.fidelity["faithful"] and chosen.images_per_s == max(t["images_per_s"] for t in faithful)
-    assert ("bf16" in {t["engine"].split()[1] for t in tried}) == cpu_has_bf16()
+    tried = {t["engine"]: t for t in chosen.fidelity["tried"]}
+    best = max((t for t in tried.values() if t["faithful"]), key=lambda t: t["images_per_s"])
+    assert chosen.fidelity["faithful"] and chosen.label in (best["engine"], "torch fp32")
+    if chosen.label == "torch fp32":  # no engine was clearly faster
+        assert best["images_per_s"] < engine_module.MIN_GAIN * tried["torch fp32"]["images_per_s"]
+    assert any(label.endswith("bf16") for label in tried) == cpu_has_bf16()
+    # The speeds are kept: the next run tries the engines fastest first, stops at the first faithful one and
+    # chooses the same.
+    again = select(model, batch, identity="vit-demo-p8")
+    assert again.label == chosen.label and len(again.fidelity["tried"]) <= len(tried)
 
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)
     assert all(precision == "fp32" for _, precision in candidates())
@@ -101,7 +106,8 @@ def test_embed_records_the_engine_and_reuses_its_export(cohort, tmp_path, monkey
     assert (record["engine"], record["precision"]) == ("openvino", "fp32")
     assert record["fidelity"]["images"] == 16 and record["fidelity"]["cosine_min"] >= 0.9999
     assert json.loads(torch_meta["retfm.engine"])["engine"] == "torch"
-    # Auto on few images stays on PyTorch; with the threshold lowered it measures and keeps a faithful engine.
+    # Auto stays on PyTorch for a job eager finishes in seconds; with the threshold lowered it measures the
+    # engines and keeps a faithful one.
     embed(data, tmp_path / "auto-small.parquet", _config(weights))
     assert json.loads(read_embeddings(tmp_path / "auto-small.parquet")[2]["retfm.engine"])["engine"] == "torch"
 
@@ -109,7 +115,7 @@ def test_embed_records_the_engine_and_reuses_its_export(cohort, tmp_path, monkey
         raise AssertionError("exported again")
 
     monkeypatch.setattr(engine_module, "_export", no_export)  # the cached export serves every later run
-    monkeypatch.setattr(embed_module, "AUTO_MIN_IMAGES", 0)
+    monkeypatch.setattr(engine_module, "AUTO_MIN_EAGER_SECONDS", 0)
     embed(data, tmp_path / "auto.parquet", _config(weights))
     record = json.loads(read_embeddings(tmp_path / "auto.parquet")[2]["retfm.engine"])
     assert record["fidelity"]["faithful"] and len(record["fidelity"]["tried"]) >= 3

@@ -39,14 +39,10 @@ from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
-from retfm.models.engine import (CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, candidates, select,
-                                 torch_engine)
+from retfm.models.engine import CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, candidates, select
 from retfm.runs import checked_device
 
 PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
-# Under --engine auto (fp32 or no precision asked), fewer images than this stay on PyTorch eager: exporting the
-# model and measuring the engines on calibration images would cost more than they save.
-AUTO_MIN_IMAGES = 200
 IDENTITY_KEYS = ("retfm.model", "retfm.weights_sha256", "retfm.preprocessing")
 
 
@@ -116,11 +112,6 @@ def _engine(model: torch.nn.Module, config: EmbedConfig, manifest: Manifest, pre
             images: int, batch_size: int) -> Engine:
     """The engine for this run, measured on the manifest's first images (the same ones on every run, so a resumed
     run chooses as the first did); int8 is calibrated on the images after those."""
-    if config.engine == "auto" and config.precision in (None, "fp32") and images < AUTO_MIN_IMAGES:
-        engine = torch_engine(model)
-        engine.fidelity = {"exact": True, "note": f"auto: {images} images (< {AUTO_MIN_IMAGES}) stay on PyTorch "
-                                                  "eager fp32, the reference"}
-        return engine
     rows = manifest.table
     checked = _decoded(manifest, rows.iloc[:CALIBRATION_IMAGES], pre)
     quantization = None
@@ -130,7 +121,7 @@ def _engine(model: torch.nn.Module, config: EmbedConfig, manifest: Manifest, pre
                                 rows.iloc[:QUANTIZATION_IMAGES], pre)
     identity = json.dumps({k: metadata[k] for k in IDENTITY_KEYS})
     engine = select(model, checked, identity, config.engine, config.precision, batch_size, quantization,
-                    config.device)
+                    config.device, workload=images)
     if engine.precision == "int8":
         engine.fidelity["quantization_images"] = len(quantization)
     return engine

@@ -11,9 +11,10 @@ An :class:`Engine` runs one frozen network (images B x 3 x S x S -> a float32 te
 :func:`select` builds the engines asked for and measures each on a calibration batch of the caller's own
 images: features against PyTorch eager fp32 (cosine, and cosine after subtracting the mean feature, which shows
 losses that the shared mean hides) and images per second. ``engine="auto"`` keeps the fastest whose features
-match within :data:`MIN_COSINE` and :data:`MIN_CENTRED_COSINE` on every calibration image; bf16 is tried only
-where the CPU has bf16 instructions, int8 only when asked for. An engine that is not installed or fails to export
-is skipped, with one warning line; PyTorch is always there to fall back on.
+match within :data:`MIN_COSINE` (every calibration image) and :data:`MIN_CENTRED_COSINE` (the batch, centred), if
+it beats eager by :data:`MIN_GAIN`; bf16 is tried only where the CPU has bf16 instructions, int8 only when asked
+for. An engine that is not installed or fails to export is skipped, with one warning line; PyTorch is always
+there to fall back on.
 
 Exports are cached in :func:`cache_dir`, one folder per network (the caller's identity: weights hash and
 preprocessing), input size, exporter version and, for int8, OpenVINO/NNCF versions and the calibration images.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -43,8 +45,12 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 PRECISIONS_OF = {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32",), "openvino": ("fp32", "bf16", "int8")}
 MIN_COSINE = 0.9999  # auto's tolerance against PyTorch eager fp32, on every calibration image
-MIN_CENTRED_COSINE = 0.999  # the same after subtracting the calibration images' mean reference feature
+MIN_CENTRED_COSINE = 0.999  # and over the calibration batch after subtracting its mean reference feature
+MIN_GAIN = 1.1  # auto replaces PyTorch eager only by an engine measured at least this much faster
 CALIBRATION_IMAGES = 16
+# Under auto (fp32 or no precision asked), a job PyTorch eager finishes in less than this stays on it: exporting
+# the model and measuring the engines would cost more than they can save.
+AUTO_MIN_EAGER_SECONDS = 60.0
 QUANTIZATION_IMAGES = 128
 ONNX_OPSET = 18
 CACHE_ENV = "RETFM_CACHE"
@@ -82,7 +88,7 @@ class Engine:
         if "cosine_min" not in measured:
             return f"engine: {self.label} ({measured.get('note', 'the reference')})"
         return (f"engine: {self.label}, feature cosine to PyTorch eager fp32 >= {measured['cosine_min']:.6f} "
-                f"(centred >= {measured['centred_cosine_min']:.6f}) on {measured['images']} of your images")
+                f"(centred, over the batch: {measured['centred_cosine']:.6f}) on {measured['images']} of your images")
 
 
 class PreLogits(nn.Module):
@@ -142,14 +148,19 @@ def candidates(engine: str = "auto", precision: str | None = None, device: str =
 
 def select(model: nn.Module, calibration: torch.Tensor, identity: str, engine: str = "auto",
            precision: str | None = None, batch_size: int = 4, quantization: torch.Tensor | None = None,
-           device: str = "cpu") -> Engine:
+           device: str = "cpu", workload: int | None = None) -> Engine:
     """The engine to run ``model`` with, measured on ``calibration`` (images the model will see, preprocessed).
 
     ``identity`` names the network (weights hash, preprocessing) for the export cache; ``quantization``: the
     images int8 is calibrated on (default: ``calibration``). Under ``auto`` (with fp32 or no precision asked)
-    the fastest engine whose features match eager fp32 within the tolerance is kept; an engine named explicitly
-    is kept whatever its fidelity, which is measured and recorded all the same. An engine that cannot be built
-    gives one :class:`EngineWarning` and PyTorch runs instead."""
+    the fastest engine whose features match eager fp32 within the tolerance is kept, if it beats PyTorch eager
+    by :data:`MIN_GAIN`; an engine named explicitly is kept whatever its fidelity, which is measured and recorded
+    all the same. An engine that cannot be built gives one :class:`EngineWarning` and PyTorch runs instead.
+    ``workload``: the images the engine is for; under auto, fewer than PyTorch eager runs in
+    :data:`AUTO_MIN_EAGER_SECONDS` stay on it.
+
+    Auto times every engine the first time it meets a network (speeds kept in the cache beside the exports);
+    later runs try the engines fastest first and stop at the first faithful one."""
     model = model.eval()
     wanted = candidates(engine, precision, device)
     eager = torch_engine(model, "fp32")
@@ -158,51 +169,76 @@ def select(model: nn.Module, calibration: torch.Tensor, identity: str, engine: s
         return eager
     reference, eager.images_per_s = _measure(eager, calibration, batch_size)
     eager.fidelity = fidelity(reference, reference)
+    gated = engine == "auto" and precision in (None, "fp32")
+    if gated and workload is not None and workload / eager.images_per_s < AUTO_MIN_EAGER_SECONDS:
+        eager.fidelity["note"] = (f"auto: PyTorch eager runs these {workload} images in about "
+                                  f"{workload / eager.images_per_s:.0f} s; no export below {AUTO_MIN_EAGER_SECONDS:.0f} s")
+        return eager
+    speeds_file = cache_dir() / "speeds" / (_key(identity, tuple(calibration.shape[1:]), batch_size, wanted,
+                                                 torch.get_num_threads()) + ".json")
+    known = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
+    if known:
+        wanted = sorted(wanted, key=lambda pair: -known.get(" ".join(pair), 0.0))
     built, failed = [], []
     for name, wanted_precision in wanted:
-        if (name, wanted_precision) == ("torch", "fp32"):
-            built.append(eager)
-            continue
-        try:
-            candidate = build(model, name, wanted_precision, identity, calibration[:2],
-                              quantization if quantization is not None else calibration)
-            features, candidate.images_per_s = _measure(candidate, calibration, batch_size)
-        except Exception as exc:  # a missing library or a failed export: skip it, never crash  # noqa: BLE001
-            failed.append(f"{name} {wanted_precision} unavailable ({_reason(exc)})")
-            continue
-        candidate.fidelity = fidelity(features, reference)
-        built.append(candidate)
-    gated = engine == "auto" and precision in (None, "fp32")
+        candidate = eager if (name, wanted_precision) == ("torch", "fp32") else _built(
+            model, name, wanted_precision, identity, calibration, quantization, batch_size, reference, failed)
+        if candidate is not None:
+            built.append(candidate)
+            if known and gated and candidate.fidelity["faithful"]:
+                break  # the fastest faithful engine, by the speeds measured the first time
+    if len(wanted) > 1 and not known and not failed:
+        speeds_file.parent.mkdir(parents=True, exist_ok=True)
+        speeds_file.write_text(json.dumps({e.label: e.images_per_s for e in built}))
+    speed = {**{e.label: e.images_per_s for e in built}, **known}
     usable = [e for e in built if not gated or e.fidelity["faithful"]]
     if not usable:  # an explicit engine that failed: PyTorch at the asked precision where it has it
         fallback_precision = wanted[0][1] if wanted[0][1] in PRECISIONS_OF["torch"] else "fp32"
-        usable = [eager if fallback_precision == "fp32" else torch_engine(model, fallback_precision)]
-        if usable[0].fidelity is None:
-            features, usable[0].images_per_s = _measure(usable[0], calibration, batch_size)
-            usable[0].fidelity = fidelity(features, reference)
-    chosen = max(usable, key=lambda e: e.images_per_s or 0.0)
+        usable = [eager if fallback_precision == "fp32" else _built(model, "torch", fallback_precision, identity,
+                                                                     calibration, None, batch_size, reference, [])]
+    chosen = max(usable, key=lambda e: speed.get(e.label, 0.0))
+    if gated and chosen is not eager and speed[chosen.label] < MIN_GAIN * speed[eager.label]:
+        chosen = eager  # no clear gain: the reference itself
     if failed:
         warnings.warn(f"{'; '.join(failed)}; using {chosen.label}", EngineWarning, stacklevel=2)
     chosen.fidelity = {**chosen.fidelity, "tried": [
-        {"engine": e.label, "images_per_s": e.images_per_s, "cosine_min": e.fidelity["cosine_min"],
-         "centred_cosine_min": e.fidelity["centred_cosine_min"]} for e in built] +
+        {"engine": e.label, "images_per_s": speed.get(e.label), "faithful": e.fidelity["faithful"],
+         "cosine_min": e.fidelity["cosine_min"], "centred_cosine": e.fidelity["centred_cosine"]} for e in built] +
         [{"engine": f, "error": True} for f in failed]}
     return chosen
 
 
+def _built(model, name, precision, identity, calibration, quantization, batch_size, reference,
+           failed: list[str]) -> Engine | None:
+    """One engine, measured against the reference features; None (and a line in ``failed``) when it cannot be
+    built or run."""
+    try:
+        candidate = build(model, name, precision, identity, calibration[:2],
+                          quantization if quantization is not None else calibration)
+        features, candidate.images_per_s = _measure(candidate, calibration, batch_size)
+    except Exception as exc:  # a missing library or a failed export: skip it, never crash  # noqa: BLE001
+        failed.append(f"{name} {precision} unavailable ({_reason(exc)})")
+        return None
+    candidate.fidelity = fidelity(features, reference)
+    return candidate
+
+
 def fidelity(features: torch.Tensor, reference: torch.Tensor) -> dict:
-    """Cosine of each image's features with the reference's, raw and after subtracting the reference's mean
-    feature over the batch; ``faithful`` when every image meets :data:`MIN_COSINE` and :data:`MIN_CENTRED_COSINE`."""
+    """Cosine of each image's features with the reference's (``cosine_min``, ``cosine_mean``), and after
+    subtracting the reference's mean feature: over the whole batch at once (``centred_cosine``: one minus the
+    relative error of what tells images apart) and per image (``centred_cosine_min``, noisy for images near the
+    mean). ``faithful``: ``cosine_min`` >= :data:`MIN_COSINE` and ``centred_cosine`` >= :data:`MIN_CENTRED_COSINE`."""
     features, reference = features.double(), reference.double()
-    mean = reference.mean(0, keepdim=True)
+    centred_features, centred_reference = features - reference.mean(0), reference - reference.mean(0)
     raw = torch.nn.functional.cosine_similarity(features, reference, dim=1)
-    centred = torch.nn.functional.cosine_similarity(features - mean, reference - mean, dim=1)
-    values = {"images": len(reference), "cosine_min": float(raw.min()), "cosine_mean": float(raw.mean()),
-              "centred_cosine_min": float(centred.min()), "centred_cosine_mean": float(centred.mean())}
-    values = {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
-    return {**values, "faithful": values["cosine_min"] >= MIN_COSINE and
-            values["centred_cosine_min"] >= MIN_CENTRED_COSINE,
-            "tolerance": {"cosine_min": MIN_COSINE, "centred_cosine_min": MIN_CENTRED_COSINE}}
+    per_image = torch.nn.functional.cosine_similarity(centred_features, centred_reference, dim=1)
+    batch = torch.nn.functional.cosine_similarity(centred_features.flatten(), centred_reference.flatten(), dim=0)
+    values = {"cosine_min": raw.min(), "cosine_mean": raw.mean(), "centred_cosine": batch,
+              "centred_cosine_min": per_image.min(), "centred_cosine_mean": per_image.mean()}
+    values = {k: round(float(v), 6) for k, v in values.items()}
+    return {"images": len(reference), **values,
+            "faithful": values["cosine_min"] >= MIN_COSINE and values["centred_cosine"] >= MIN_CENTRED_COSINE,
+            "tolerance": {"cosine_min": MIN_COSINE, "centred_cosine": MIN_CENTRED_COSINE}}
 
 
 # ---- building one engine -------------------------------------------------------------------------------------------
