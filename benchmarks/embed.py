@@ -8,7 +8,8 @@ Models: ``efficientnet-lite0`` (its ImageNet weights), ``retfound-green`` (ViT-S
 Variants, run round-robin for ``--rounds`` rounds so that a job beside this one slows all of them alike:
 ``loop``, the published READMEs' loop (per image: PIL open, torchvision Resize/ToTensor/Normalize, an eager timm
 forward); then ``retfm embed`` end to end (model loading, the engine's export on the first round, its fidelity
-check on the calibration images, DataLoader decoding) per engine and precision, and ``auto``. Fidelity: each
+check on the calibration images, DataLoader decoding) per engine and precision, and ``auto`` (its default, and
+``--precision fp32``: what auto does on a CPU without bf16 instructions). Fidelity: each
 variant's features against ``retfm embed --engine torch --precision fp32`` on the same images (same
 preprocessing), cosine raw and after subtracting the mean feature. ``auto`` is made to choose here whatever
 ``--n`` (retfm embed otherwise keeps a job that PyTorch eager finishes within a minute on PyTorch eager).
@@ -59,7 +60,7 @@ from mexfundus import DEFAULT_SOURCE, prepare  # noqa: E402
 
 WORK = HERE / "_work" / "embed"
 VARIANTS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvino", "fp32"),
-            ("openvino", "bf16"), ("openvino", "int8"), ("auto", None)]
+            ("openvino", "bf16"), ("openvino", "int8"), ("auto", None), ("auto", "fp32")]
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
 
@@ -164,7 +165,8 @@ def throughput(args) -> dict:
             "vs_retfm_torch_fp32": cosines(features[variant], reference),
             "engine": None if variant == "loop" else {k: engines[variant][k] for k in ("engine", "precision")},
         }
-    rows["auto default"]["chosen_from"] = engines["auto default"]["fidelity"].get("tried")
+    for variant in ("auto default", "auto fp32"):
+        rows[variant]["chosen_from"] = engines[variant]["fidelity"].get("tried")
     return {"model": args.model, "input_px": model_spec.input_size, "images": len(files),
             "photograph_px": Image.open(files[0]).size[0], "rounds": args.rounds,
             "batch_size": args.batch_size or 4, "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),

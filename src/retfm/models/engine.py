@@ -23,6 +23,7 @@ preprocessing), input size, exporter version and, for int8, OpenVINO/NNCF versio
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -85,7 +86,7 @@ class Engine:
     def summary(self) -> str:
         """One line for people: the engine and how closely its features match PyTorch eager fp32."""
         measured = self.fidelity or {}
-        if "cosine_min" not in measured:
+        if "note" in measured or "cosine_min" not in measured:
             return f"engine: {self.label} ({measured.get('note', 'the reference')})"
         return (f"engine: {self.label}, feature cosine to PyTorch eager fp32 >= {measured['cosine_min']:.6f} "
                 f"(centred, over the batch: {measured['centred_cosine']:.6f}) on {measured['images']} of your images")
@@ -111,6 +112,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retfm" / "engines"
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (avx512_bf16 or AMX-BF16), as OpenVINO's CPU plugin reports it."""
     try:
@@ -172,7 +174,8 @@ def select(model: nn.Module, calibration: torch.Tensor, identity: str, engine: s
     gated = engine == "auto" and precision in (None, "fp32")
     if gated and workload is not None and workload / eager.images_per_s < AUTO_MIN_EAGER_SECONDS:
         eager.fidelity["note"] = (f"auto: PyTorch eager runs these {workload} images in about "
-                                  f"{workload / eager.images_per_s:.0f} s; no export below {AUTO_MIN_EAGER_SECONDS:.0f} s")
+                                  f"{workload / eager.images_per_s:.0f} s; no export below "
+                                  f"{AUTO_MIN_EAGER_SECONDS:.0f} s")
         return eager
     speeds_file = cache_dir() / "speeds" / (_key(identity, tuple(calibration.shape[1:]), batch_size, wanted,
                                                  torch.get_num_threads()) + ".json")
@@ -258,7 +261,8 @@ def build(model: nn.Module, name: str, precision: str, identity: str, example: t
         options.log_severity_level = 3  # errors only
         session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
-        return Engine(name, precision, lambda batch: torch.from_numpy(session.run(None, {input_name: _array(batch)})[0]),
+        return Engine(name, precision,
+                      lambda batch: torch.from_numpy(session.run(None, {input_name: _array(batch)})[0]),
                       version=onnxruntime.__version__)
     if name == "openvino":
         import openvino

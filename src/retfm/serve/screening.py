@@ -8,11 +8,11 @@ The steps a request goes through, split by where they run:
   detectable fundus, or a quality score under ``min_quality``, is *ungradable*: it gets that verdict and the
   reasons, never findings;
 - :meth:`Screener.run_batch` (per micro-batch, on the one model thread): one forward pass of the classifier over
-  the gradable images of many requests, its features on the inference engine chosen at start (``retfm.models.engine``,
-  measured on phantom fundus photographs against PyTorch eager fp32) and its last linear layer in PyTorch; Grad-CAM (the ``grad-cam`` package, on the last transformer block or
-  convolutional stage) for those that asked for a heatmap, which makes that forward pass one with gradients; one
-  forward pass of the retrieval index's own embedding model (on an engine too) and a FAISS search, when an index
-  is served.
+  the gradable images of many requests, its features on the inference engine chosen at start
+  (``retfm.models.engine``, checked on phantom fundus photographs against PyTorch eager fp32) and its last linear
+  layer in PyTorch; Grad-CAM (the ``grad-cam`` package, on the last transformer block or convolutional stage) for
+  those that asked for a heatmap, which makes that forward pass one with gradients (on PyTorch); one forward pass
+  of the retrieval index's own embedding model (on an engine too) and a FAISS search, when an index is served.
 
 Decisions follow the model card: a binary classifier's finding is "positive" when the probability of its second
 class reaches the threshold chosen on validation (Youden's J, by ``retfm finetune``); a multi-class one predicts
