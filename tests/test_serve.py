@@ -110,7 +110,8 @@ def test_a_convolutional_classifier_is_explained_on_its_last_stage(tmp_path, mod
 
 def test_the_inference_engine_gives_pytorchs_answers(served, client):
     """Predictions without heatmaps run on the engine chosen at start (auto: here measured on phantoms); they
-    are PyTorch eager's answers: same decisions and similar cases, probabilities within bf16's rounding."""
+    are PyTorch eager's answers: probabilities within bf16's rounding, so the same decisions except within that of
+    the threshold, and the same similar cases."""
     config, screener = served
     reference = Screener(config.model_copy(update={"engine": "torch"}))
     uploads = [screener.prepare(photo())] + [screener.prepare(encode(fundus_rgb(400, seed=s))) for s in range(5)]
@@ -119,10 +120,12 @@ def test_the_inference_engine_gives_pytorchs_answers(served, client):
     exact = reference.run_batch([(p, False) for p in uploads])
     tolerance = 1e-5 if screener.features.precision == "fp32" else 2e-3
     for a, b in zip(fast, exact):
-        assert a["prediction"] == b["prediction"] and a["positive"] == b["positive"]
         assert [p["class"] for p in a["probabilities"]] == [p["class"] for p in b["probabilities"]]
-        assert np.allclose([p["probability"] for p in a["probabilities"]],
-                           [p["probability"] for p in b["probabilities"]], atol=tolerance)
+        got, expected = ([p["probability"] for p in answer["probabilities"]] for answer in (a, b))
+        assert np.allclose(got, expected, atol=tolerance), (got, expected)
+        # The same decision, unless PyTorch's own probability lies within the tolerance of the threshold.
+        if abs(expected[1] - screener.threshold) > tolerance:
+            assert a["prediction"] == b["prediction"] and a["positive"] == b["positive"]
         assert {c["image_id"] for c in a["similar_cases"]} == {c["image_id"] for c in b["similar_cases"]}
     assert screener.features.fidelity["faithful"] and screener.embedder.fidelity["faithful"]
     assert client.get("/healthz").json()["engine"] == screener.features.label

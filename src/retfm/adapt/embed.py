@@ -39,7 +39,7 @@ from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
-from retfm.models.engine import CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, candidates, select
+from retfm.models.engine import CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, check, select
 from retfm.runs import checked_device
 
 PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
@@ -54,7 +54,7 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     full = Manifest.read(data)
     manifest = full.split(config.split) if config.split else full
     device = checked_device(config.device)
-    candidates(config.engine, config.precision, config.device)  # an impossible pair fails before any loading
+    check(config.engine, config.precision, config.device)  # an impossible pair fails before any loading
     spec, model = _encoder(config)
     model = model.eval().to(device)
     pre = preprocessing(spec)

@@ -122,23 +122,27 @@ def cpu_has_bf16() -> bool:
     return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def candidates(engine: str = "auto", precision: str | None = None, device: str = "cpu") -> list[tuple[str, str]]:
-    """The (engine, precision) pairs to try, fastest first as measured on a 2-core CPU; one clear error for a pair
-    that does not exist. ``precision=None``: fp32, and bf16 too under ``auto`` where the CPU has it."""
+def check(engine: str = "auto", precision: str | None = None, device: str = "cpu") -> None:
+    """One clear error for an engine, precision and device that do not go together (no engine library loaded)."""
     if engine not in ENGINES:
         raise RetfmError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     if precision is not None and precision not in PRECISIONS:
         raise RetfmError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if device != "cpu" and (engine not in ("auto", "torch") or precision == "int8"):
+        raise RetfmError(f"--device {device}: only the torch engine at fp32 or bf16 runs there "
+                         "(ONNX Runtime, OpenVINO and int8 are CPU engines here)")
+    if engine != "auto" and (precision or "fp32") not in PRECISIONS_OF[engine]:
+        raise RetfmError(f"engine {engine} runs {', '.join(PRECISIONS_OF[engine])}, not {precision}")
+
+
+def candidates(engine: str = "auto", precision: str | None = None, device: str = "cpu") -> list[tuple[str, str]]:
+    """The (engine, precision) pairs to try, fastest first as measured on a 2-core CPU; one clear error for a pair
+    that does not exist. ``precision=None``: fp32, and bf16 too under ``auto`` where the CPU has it."""
+    check(engine, precision, device)
     if device != "cpu":
-        if engine not in ("auto", "torch") or precision == "int8":
-            raise RetfmError(f"--device {device}: only the torch engine at fp32 or bf16 runs there "
-                             "(ONNX Runtime, OpenVINO and int8 are CPU engines here)")
         return [("torch", precision or "fp32")]
     if engine != "auto":
-        wanted = precision or "fp32"
-        if wanted not in PRECISIONS_OF[engine]:
-            raise RetfmError(f"engine {engine} runs {', '.join(PRECISIONS_OF[engine])}, not {wanted}")
-        return [(engine, wanted)]
+        return [(engine, precision or "fp32")]
     if precision == "int8":
         return [("openvino", "int8")]
     bf16 = [("openvino", "bf16"), ("torch", "bf16")]
@@ -164,9 +168,9 @@ def select(model: nn.Module, calibration: torch.Tensor, identity: str, engine: s
     Auto times every engine the first time it meets a network (speeds kept in the cache beside the exports);
     later runs try the engines fastest first and stop at the first faithful one."""
     model = model.eval()
-    wanted = candidates(engine, precision, device)
+    check(engine, precision, device)
     eager = torch_engine(model, "fp32")
-    if wanted == [("torch", "fp32")]:
+    if (engine == "torch" or device != "cpu") and precision in (None, "fp32"):
         eager.fidelity = {"exact": True, "note": "PyTorch eager fp32 is the reference"}
         return eager
     reference, eager.images_per_s = _measure(eager, calibration, batch_size)
@@ -177,6 +181,7 @@ def select(model: nn.Module, calibration: torch.Tensor, identity: str, engine: s
                                   f"{workload / eager.images_per_s:.0f} s; no export below "
                                   f"{AUTO_MIN_EAGER_SECONDS:.0f} s")
         return eager
+    wanted = candidates(engine, precision, device)  # only now are the engine libraries loaded
     speeds_file = cache_dir() / "speeds" / (_key(identity, tuple(calibration.shape[1:]), batch_size, wanted,
                                                  torch.get_num_threads()) + ".json")
     known = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
