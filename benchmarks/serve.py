@@ -16,7 +16,12 @@ Measured in one run:
 ``--threads N`` sets torch's intra-op threads in both (the server through OMP_NUM_THREADS): on a machine that
 other jobs load, two OpenMP threads on two cores can make a batch-1 forward pass ten times slower than one.
 
+``--engines torch,auto`` serves the micro-batched burst once per inference engine (``retfm serve --engine``),
+round-robin for ``--rounds`` rounds, instead of the batching comparison: the engines' throughputs are then paired
+round by round under the same outside load.
+
     python benchmarks/serve.py [--requests 100] [--arch vit-tiny|retfound-green] [--device cpu|cuda] [--threads 1]
+    python benchmarks/serve.py --engines torch,auto --rounds 3 --threads 1
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def sample_bytes() -> bytes:
 
 def reference(model_path: Path, image: bytes, n: int, device: str) -> dict:
     """One image at a time through the same steps, no batching, no HTTP."""
-    screener = Screener(ServeConfig(model=model_path, api_key=KEY, device=device))
+    screener = Screener(ServeConfig(model=model_path, api_key=KEY, device=device, engine="torch"))
     latencies = []
     screener.run_batch([(screener.prepare(image), False)])  # warm-up
     started = time.perf_counter()
@@ -83,7 +88,8 @@ def reference(model_path: Path, image: bytes, n: int, device: str) -> dict:
     return summary(latencies, time.perf_counter() - started, errors=0)
 
 
-def served(model_path: Path, image: bytes, n: int, batch_size: int, wait_ms: float, device: str) -> dict:
+def served(model_path: Path, image: bytes, n: int, batch_size: int, wait_ms: float, device: str,
+           engine: str = "auto") -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -91,7 +97,7 @@ def served(model_path: Path, image: bytes, n: int, batch_size: int, wait_ms: flo
     env = {**os.environ, "RETFM_API_KEY": KEY, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     server = subprocess.Popen([sys.executable, "-m", "retfm.cli.main", "serve", "--model", str(model_path),
                                "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(batch_size),
-                               "--batch-wait-ms", str(wait_ms), "--device", device],
+                               "--batch-wait-ms", str(wait_ms), "--device", device, "--engine", engine],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(base, server)
@@ -106,7 +112,22 @@ def served(model_path: Path, image: bytes, n: int, batch_size: int, wait_ms: flo
     result = summary(latencies, wall, errors)
     result["mean_images_per_forward_pass"] = round((after["images_in_passes"] - before["images_in_passes"])
                                                    / max(passes, 1), 2)
+    result["engine"] = after["engine"]
     return result
+
+
+def engines_interleaved(model_path: Path, image: bytes, args) -> dict:
+    """The micro-batched burst per engine, round-robin; each round's throughput relative to the first engine's."""
+    engines = args.engines.split(",")
+    runs = {engine: [] for engine in engines}
+    for _ in range(args.rounds):
+        for engine in engines:
+            runs[engine].append(served(model_path, image, args.requests, args.batch_size, args.batch_wait_ms,
+                                       args.device, engine))
+    first = runs[engines[0]]
+    return {engine: {"runs": done, "throughput_vs_" + engines[0]: [
+        round(mine["images_per_s"] / base["images_per_s"], 2) for mine, base in zip(done, first)]}
+        for engine, done in runs.items()}
 
 
 def wait_until_up(base: str, server: subprocess.Popen, limit_s: float = 120) -> None:
@@ -157,18 +178,28 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--engines", help="comma-separated retfm serve --engine values to compare, e.g. torch,auto")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the --engines comparison")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     image = sample_bytes()
     with tempfile.TemporaryDirectory(prefix="retfm-serve-bench-") as work:
+        os.environ["RETFM_CACHE"] = work  # the servers' engine exports stay in the scratch folder
         model_path = make_classifier(Path(work), args.arch)
+        setup = {"arch": args.arch, "device": args.device, "requests": args.requests,
+                 "image_px": list(Image.open(io.BytesIO(image)).size), "torch_threads": torch.get_num_threads(),
+                 "cpu_count": os.cpu_count(), "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+        if args.engines:
+            results = {"setup": setup, "engines": engines_interleaved(model_path, image, args)}
+            results["setup"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+            print(json.dumps(results, indent=2))
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+            return
         results = {
-            "setup": {"arch": args.arch, "device": args.device, "requests": args.requests,
-                      "image_px": list(Image.open(io.BytesIO(image)).size),
-                      "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                      "load_average_before": [round(v, 2) for v in os.getloadavg()]},
+            "setup": setup,
             "reference_one_at_a_time": reference(model_path, image, args.requests, args.device),
             "served_micro_batched": served(model_path, image, args.requests, args.batch_size, args.batch_wait_ms,
                                            args.device),

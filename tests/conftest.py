@@ -20,6 +20,13 @@ os.environ.setdefault("OMP_NUM_THREADS",
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory):
+    """Inference-engine exports (retfm.models.engine) go to a temporary folder, never the user's cache."""
+    os.environ["RETFM_CACHE"] = str(tmp_path_factory.mktemp("retfm-cache"))
+    return Path(os.environ["RETFM_CACHE"])
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked slow run only when asked for (``-m slow``); the default suite stays fast on 2 cores."""
     if "slow" in (config.getoption("markexpr") or ""):

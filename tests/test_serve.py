@@ -100,12 +100,35 @@ def png_claiming(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("model_name", ["cnn-demo", "efficientnet-lite0"])
 def test_a_convolutional_classifier_is_explained_on_its_last_stage(tmp_path, model_name):
     model, index = make_served_model(tmp_path, model_name)
-    screener = Screener(ServeConfig(model=model, index=index, api_key=KEY))
+    screener = Screener(ServeConfig(model=model, index=index, api_key=KEY, engine="torch"))  # heatmaps: PyTorch
     [result] = screener.run_batch([(screener.prepare(photo()), True)])
     assert result["heatmap"]["method"] == "Grad-CAM, last convolutional stage"
     overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["heatmap"]["png_base64"]))))
     assert overlay.shape[:2] == (448, 448)
     assert len(result["similar_cases"]) == 5
+
+
+def test_the_inference_engine_gives_pytorchs_answers(served, client):
+    """Predictions without heatmaps run on the engine chosen at start (auto: here measured on phantoms); they
+    are PyTorch eager's answers: probabilities within bf16's rounding, so the same decisions except within that of
+    the threshold, and the same similar cases."""
+    config, screener = served
+    reference = Screener(config.model_copy(update={"engine": "torch"}))
+    uploads = [screener.prepare(photo())] + [screener.prepare(encode(fundus_rgb(400, seed=s))) for s in range(5)]
+    uploads = [p for p in uploads if p.gradable]
+    fast = screener.run_batch([(p, False) for p in uploads])
+    exact = reference.run_batch([(p, False) for p in uploads])
+    tolerance = 1e-5 if screener.features.precision == "fp32" else 2e-3
+    for a, b in zip(fast, exact):
+        assert [p["class"] for p in a["probabilities"]] == [p["class"] for p in b["probabilities"]]
+        got, expected = ([p["probability"] for p in answer["probabilities"]] for answer in (a, b))
+        assert np.allclose(got, expected, atol=tolerance), (got, expected)
+        # The same decision, unless PyTorch's own probability lies within the tolerance of the threshold.
+        if abs(expected[1] - screener.threshold) > tolerance:
+            assert a["prediction"] == b["prediction"] and a["positive"] == b["positive"]
+        assert {c["image_id"] for c in a["similar_cases"]} == {c["image_id"] for c in b["similar_cases"]}
+    assert screener.features.fidelity["faithful"] and screener.embedder.fidelity["faithful"]
+    assert client.get("/healthz").json()["engine"] == screener.features.label
 
 
 def test_predict_gives_the_models_probabilities_at_the_cards_threshold_with_heatmap_and_cases(client, served):

@@ -72,7 +72,11 @@ class EmbedConfig(BaseModel):
     batch_size: int | None = Field(None, ge=1, description="images per forward pass (default: 4 on CPU, where "
                                                             "larger batches are slower, 64 on CUDA)")
     device: Literal["cpu", "cuda"] = "cpu"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference engine; auto: the fastest whose features match PyTorch eager fp32")
+    precision: Literal["fp32", "bf16", "int8"] | None = Field(
+        None, description="none: fp32, or bf16 under auto where the CPU has it and features match; int8 only "
+                          "when asked (OpenVINO, calibrated on the manifest's images)")
     workers: int = Field(default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) // 2)), ge=0,
                          description="decoding processes beside the model")
     split: Literal["train", "val", "test"] | None = Field(None, description="embed one split only")
@@ -678,6 +682,10 @@ class ServeConfig(BaseModel):
     index: Path | None = Field(None, description="retrieval index folder from `retfm index build` (similar cases)")
     api_key: str = Field(..., min_length=16, repr=False, description="the key clients send as X-API-Key")
     device: Literal["cpu", "cuda"] = "cpu"
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference engine of the prediction and similar-case passes (heatmaps use PyTorch)")
+    precision: Literal["fp32", "bf16"] | None = Field(
+        None, description="none: fp32, or bf16 under auto where the CPU has it and features match")
     max_upload_mb: float = Field(20.0, gt=0, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image; more is refused as a bomb")
     max_batch_images: int = Field(200, ge=1, description="images per /v1/batch request (files plus zip entries)")

@@ -5,10 +5,14 @@ scale when the model wants 392 px) while the model computes, in batches, under `
 Embeddings are written in parts of a few thousand rows as they come (``EMB.parquet.parts/``), so an interrupted
 run resumes where it stopped; the finished file joins them with the manifest columns downstream steps need.
 
+The forward pass runs on an inference engine (``retfm.models.engine``): under ``--engine auto`` the fastest of
+PyTorch, ONNX Runtime and OpenVINO whose features match PyTorch eager fp32 on the manifest's first images.
+
 Output (the Embeddings contract of DESIGN.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
 float32) and the manifest's split, site, patient, group and label columns; schema metadata ``retfm.model``,
 ``retfm.weights_sha256`` (of the loaded tensors, whatever file they came from), ``retfm.preprocessing``,
-``retfm.embed_dim``, ``retfm.config``, ``retfm.manifest_sha256``, ``retfm.version``.
+``retfm.embed_dim``, ``retfm.config``, ``retfm.manifest_sha256``, ``retfm.version``, ``retfm.engine`` (the engine,
+precision and measured fidelity of the run that computed the last vectors).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
+from retfm.models.engine import CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, check, select
 from retfm.runs import checked_device
 
 PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
@@ -49,6 +54,7 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
     full = Manifest.read(data)
     manifest = full.split(config.split) if config.split else full
     device = checked_device(config.device)
+    check(config.engine, config.precision, config.device)  # an impossible pair fails before any loading
     spec, model = _encoder(config)
     model = model.eval().to(device)
     pre = preprocessing(spec)
@@ -68,16 +74,23 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
         total(len(manifest.table))
     if progress and done:
         progress(len(manifest.table) - len(todo))
+    engine = None
     if len(todo):
+        batch_size = config.batch_size or (64 if device.type == "cuda" else 4)
+        engine = _engine(model, config, manifest, pre, metadata, len(todo), batch_size)
+        metadata["retfm.engine"] = json.dumps(engine.describe())
         dataset = ManifestDataset(Manifest(todo, manifest.root), eval_transform(pre), group_columns=(),
                                   decode_size=pre.size)
-        batch_size = config.batch_size or (64 if device.type == "cuda" else 4)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=config.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
-        _embed_batches(model, loader, device, config.precision, parts, progress)
+        _embed_batches(engine, loader, parts, progress)
+    elif out.exists():  # nothing computed now: the engine that computed the vectors stays on record
+        earlier = (pq.read_schema(out).metadata or {}).get(b"retfm.engine")
+        if earlier:
+            metadata["retfm.engine"] = earlier.decode()
     table = _finish(out, parts, full, metadata)
     return {"images": len(table), "embedded_now": len(todo), "resumed": len(done), "embed_dim": spec.embed_dim,
-            "out": str(out)}
+            "out": str(out), "engine": engine.summary() if engine else None}
 
 
 def _encoder(config: EmbedConfig) -> tuple[ModelSpec, torch.nn.Module]:
@@ -95,6 +108,31 @@ def _encoder(config: EmbedConfig) -> tuple[ModelSpec, torch.nn.Module]:
     spec = model_spec(config.model)
     size = config.image_size or spec.input_size
     return dataclasses.replace(spec, input_size=size), create(config.model, weights=config.weights, img_size=size)
+
+
+def _engine(model: torch.nn.Module, config: EmbedConfig, manifest: Manifest, pre, metadata: dict[str, str],
+            images: int, batch_size: int) -> Engine:
+    """The engine for this run, measured on the manifest's first images (the same ones on every run, so a resumed
+    run chooses as the first did); int8 is calibrated on the images after those."""
+    rows = manifest.table
+    checked = _decoded(manifest, rows.iloc[:CALIBRATION_IMAGES], pre)
+    quantization = None
+    if config.precision == "int8":
+        held_out = rows.iloc[CALIBRATION_IMAGES:CALIBRATION_IMAGES + QUANTIZATION_IMAGES]
+        quantization = _decoded(manifest, held_out if len(held_out) >= CALIBRATION_IMAGES else
+                                rows.iloc[:QUANTIZATION_IMAGES], pre)
+    identity = json.dumps({k: metadata[k] for k in IDENTITY_KEYS})
+    engine = select(model, checked, identity, config.engine, config.precision, batch_size, quantization,
+                    config.device, workload=images)
+    if engine.precision == "int8":
+        engine.fidelity["quantization_images"] = len(quantization)
+    return engine
+
+
+def _decoded(manifest: Manifest, rows: pd.DataFrame, pre) -> torch.Tensor:
+    dataset = ManifestDataset(Manifest(rows.reset_index(drop=True), manifest.root), eval_transform(pre),
+                              group_columns=(), decode_size=pre.size)
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
 def embedding_identity(spec, model: torch.nn.Module) -> dict[str, str]:
@@ -118,15 +156,14 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
-def _embed_batches(model, loader, device, precision, parts: Path, progress) -> None:
+def _embed_batches(engine: Engine, loader, parts: Path, progress) -> None:
     parts.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
     vectors: list[np.ndarray] = []
     part_index = len(list(parts.glob("part-*.parquet")))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         for batch in loader:
-            features = model(batch["image"].to(device, non_blocking=True)).float().cpu().numpy()
+            features = engine(batch["image"]).float().cpu().numpy()
             ids += batch["image_id"]
             vectors.append(features)
             if progress:

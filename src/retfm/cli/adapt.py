@@ -16,7 +16,10 @@ def embed(
     weights: str = typer.Option(None, "--weights", help="weights file, or 'random' (drawn from seed 0) [default: the model's source]"),
     batch_size: int = typer.Option(None, "--batch-size", help="images per forward pass [default: 4 on CPU, 64 on CUDA]"),
     device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
-    precision: str = typer.Option(None, "--precision", help="fp32|bf16 [default: fp32]"),
+    engine: str = typer.Option(None, "--engine", help="auto|torch|onnxruntime|openvino [default: auto: the fastest "
+                                                      "whose features match PyTorch eager fp32 on your images]"),
+    precision: str = typer.Option(None, "--precision", help="fp32|bf16|int8 [default: fp32, or bf16 under auto where "
+                                                            "the CPU has it and the features match]"),
     workers: int = typer.Option(None, "--workers", help="decoding processes [default: half the cores, at most 4]"),
     split: str = typer.Option(None, "--split", help="embed only this split"),
     config: Path = typer.Option(None, "--config", help=ConfigOption),
@@ -26,13 +29,15 @@ def embed(
     from retfm.adapt.embed import embed as run_embed
     from retfm.config import EmbedConfig, load_config
 
-    options = {"model": model, "weights": weights, "batch_size": batch_size, "device": device,
+    options = {"model": model, "weights": weights, "batch_size": batch_size, "device": device, "engine": engine,
                "precision": precision, "workers": workers, "split": split}
     cfg = load_config(EmbedConfig, config, options, sets)
     with progress_bar("embed", unit="img") as (total, advance):
         summary = run_embed(data, out, cfg, progress=advance, total=total)
     stdout.print(f"{summary['images']} embeddings of size {summary['embed_dim']} in {out} "
                  f"({summary['embedded_now']} computed now, {summary['resumed']} kept from an earlier run)")
+    if summary.get("engine"):
+        stdout.print(summary["engine"])
 
 
 def probe(

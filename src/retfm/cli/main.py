@@ -4,6 +4,7 @@ be read or written) are printed as one line, exit code 2."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -11,7 +12,7 @@ from retfm import __version__
 from retfm.cli import (adapt, data, demo, evaluate, federated, finetune, knowledge, models, pretrain, retrieve, serve,
                        share, study, synth, zeroshot)
 from retfm.cli.common import console
-from retfm.errors import RetfmError
+from retfm.errors import RetfmError, RetfmWarning
 
 app = typer.Typer(name="retfm", help="Retinal foundation models: ingest, pretrain, federate, adapt, evaluate, serve.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -48,6 +49,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main() -> None:
+    warnings.formatwarning = _warning_line
     try:
         app(standalone_mode=False)
     except RetfmError as exc:
@@ -68,6 +70,16 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """retfm's own warnings as one line, like its errors; other libraries' as Python prints them."""
+    if isinstance(message, RetfmWarning) or issubclass(category, RetfmWarning):
+        return f"warning: {message}\n"
+    return _python_warning_line(message, category, filename, lineno, line)
+
+
+_python_warning_line = warnings.formatwarning
 
 
 def _fail(line: str) -> None:

@@ -23,6 +23,10 @@ def serve(
     api_key_file: Path = typer.Option(None, "--api-key-file", help=f"file holding the API key (else ${API_KEY_ENV}; "
                                                                    "else a new key is printed at start)"),
     device: str = typer.Option(None, "--device", help="cpu|cuda [default: cpu]"),
+    engine: str = typer.Option(None, "--engine", help="auto|torch|onnxruntime|openvino for predictions and similar "
+                                                      "cases [default: auto]"),
+    precision: str = typer.Option(None, "--precision", help="fp32|bf16 [default: fp32, or bf16 under auto where the "
+                                                            "CPU has it and the features match]"),
     max_upload_mb: float = typer.Option(None, "--max-upload-mb", help="largest request body [default: 20]"),
     min_quality: float = typer.Option(None, "--min-quality", help="quality score below which an image is "
                                                                   "ungradable [default: 0.5]"),
@@ -42,7 +46,8 @@ def serve(
     from retfm.serve import create_app
 
     api_key, printed = _api_key(api_key_file)
-    options = {"model": model, "index": index, "api_key": api_key, "device": device, "max_upload_mb": max_upload_mb,
+    options = {"model": model, "index": index, "api_key": api_key, "device": device, "engine": engine,
+               "precision": precision, "max_upload_mb": max_upload_mb,
                "min_quality": min_quality, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms,
                "keep_uploads": keep_uploads}
     cfg = load_config(ServeConfig, config, options, sets)

@@ -104,6 +104,7 @@ def create_app(config: ServeConfig, screener: Screener | None = None) -> FastAPI
     @app.get("/healthz", summary="liveness, the model served, and how well requests batch")
     async def healthz() -> dict:
         return {"status": "ok", "model": card["name"], "index": card["index"] is not None,
+                "engine": screener.features.label,
                 "forward_passes": batcher.batches, "images_in_passes": batcher.items}
 
     @app.get("/v1/model", dependencies=[Depends(require_key)],

@@ -8,9 +8,11 @@ The steps a request goes through, split by where they run:
   detectable fundus, or a quality score under ``min_quality``, is *ungradable*: it gets that verdict and the
   reasons, never findings;
 - :meth:`Screener.run_batch` (per micro-batch, on the one model thread): one forward pass of the classifier over
-  the gradable images of many requests; Grad-CAM (the ``grad-cam`` package, on the last transformer block or
-  convolutional stage) for those that asked for a heatmap, which makes that forward pass one with gradients; one
-  forward pass of the retrieval index's own embedding model and a FAISS search, when an index is served.
+  the gradable images of many requests, its features on the inference engine chosen at start
+  (``retfm.models.engine``, checked on phantom fundus photographs against PyTorch eager fp32) and its last linear
+  layer in PyTorch; Grad-CAM (the ``grad-cam`` package, on the last transformer block or convolutional stage) for
+  those that asked for a heatmap, which makes that forward pass one with gradients (on PyTorch); one forward pass
+  of the retrieval index's own embedding model (on an engine too) and a FAISS search, when an index is served.
 
 Decisions follow the model card: a binary classifier's finding is "positive" when the probability of its second
 class reaches the threshold chosen on validation (Youden's J, by ``retfm finetune``); a multi-class one predicts
@@ -36,8 +38,10 @@ from retfm.config import ServeConfig
 from retfm.data import fundus
 from retfm.data.datasets import eval_transform
 from retfm.data.io import decode_image
+from retfm.data.phantoms import render_fundus, site_profiles
 from retfm.errors import RetfmError
 from retfm.models import create, preprocessing, spec as model_spec
+from retfm.models.engine import CALIBRATION_IMAGES, PreLogits, select
 from retfm.models.registry import card_path
 
 HEATMAP_SIDE = 448  # the overlay's side in pixels: enough to see where, small enough for JSON
@@ -70,15 +74,26 @@ class Screener:
         self.threshold = self.card.get("threshold") if self.task == "binary" else None
         self.model = create(config.model, num_classes=len(self.classes)).to(self.device).eval()
         self.transform = eval_transform(preprocessing(model_spec(config.model)))
+        # The classifier's features run on an engine; its last linear layer stays in PyTorch, so the engine's
+        # fidelity is judged on features, as retfm embed judges it. Heatmaps keep PyTorch (they need gradients).
+        calibration = _calibration_crops(config.fundus_size)
+        identity = json.dumps({**embedding_identity(model_spec(config.model), self.model), "output": "pre-logits"})
+        self.features = select(PreLogits(self.model), torch.stack([self.transform(c) for c in calibration]), identity,
+                               config.engine, config.precision, config.batch_size, device=config.device)
+        self.head = self.model.get_classifier()
         self.index = None
         if config.index is not None:
-            self.index, self.embedder, self.embed_transform = _load_index(config.index, self.device)
+            self.index, embedder, self.embed_transform = _load_index(config.index, self.device)
+            self.embedder = select(embedder, torch.stack([self.embed_transform(c) for c in calibration]),
+                                   json.dumps(embedding_identity(model_spec(self.index.meta.get("embed_model") or
+                                                                            self.index.meta.get("model")), embedder)),
+                                   config.engine, config.precision, config.batch_size, device=config.device)
             labels = self.index.meta.get("label_columns") or []
             self.case_label = self.card.get("label") if self.card.get("label") in labels else (labels or [None])[0]
 
     def with_config(self, config: ServeConfig) -> Screener:
         """This loaded model under other request limits and quality gate (the model, index and device stay)."""
-        loaded = ("model", "index", "device")
+        loaded = ("model", "index", "device", "engine", "precision")
         if any(getattr(config, name) != getattr(self.config, name) for name in loaded):
             raise ValueError(f"with_config changes limits only, not {', '.join(loaded)}")
         copy = object.__new__(Screener)
@@ -116,7 +131,7 @@ class Screener:
             logits, heat = self._forward_with_gradcam(images)
         else:
             with torch.inference_mode():
-                logits, heat = self.model(images), None
+                logits, heat = self.head(self.features(images).to(self.device)), None
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
         cases = self._similar_cases(torch.stack([p.inputs["retrieval"] for p, _ in items])) if self.index else None
         results = []
@@ -179,7 +194,7 @@ class Screener:
 
     @torch.inference_mode()
     def _similar_cases(self, images: torch.Tensor) -> list[list[dict]]:
-        vectors = self.embedder(images.to(self.device)).float().cpu().numpy()
+        vectors = self.embedder(images).float().cpu().numpy()
         hits = self.index.search(vectors, self.config.k)
         cases: list[list[dict]] = [[] for _ in range(len(vectors))]
         for row in hits.itertuples(index=False):
@@ -245,6 +260,19 @@ def _load_index(folder: Path, device: torch.device):
     embedder = create(name, weights=weights).to(device).eval()
     check_same_model(index, embedding_identity(model_spec(name), embedder), str(name))
     return index, embedder, eval_transform(preprocessing(model_spec(name)))
+
+
+def _calibration_crops(size: int, count: int = CALIBRATION_IMAGES) -> list[Image.Image]:
+    """Phantom fundus photographs (retfm.data.phantoms), cropped as uploads are: the images the engines are
+    checked on at start, when no real photograph has arrived yet."""
+    site = site_profiles(1, seed=0)[0]
+    crops = []
+    for i in range(count):
+        rgb, _ = render_fundus(np.random.default_rng(i), size, eye="RL"[i % 2], dr_grade=i % 5, cdr=0.3 + 0.02 * i,
+                               amd=i % 4 == 3, site=site)
+        found = fundus.preprocess(rgb, size)
+        crops.append(Image.fromarray(found[0] if found else rgb))
+    return crops
 
 
 def _overlay_png(crop: np.ndarray, heat: np.ndarray) -> str:
