@@ -275,7 +275,9 @@ def test_batch_of_files_and_a_zip_is_a_triage_list_by_risk(client, served):
     assert [r["verdict"] for r in rows] == ["gradable"] * 3 + ["ungradable", "rejected"]
     assert [r["risk"] for r in gradable] == sorted((r["risk"] for r in gradable), reverse=True)
     single = client.post("/v1/predict", content=(images / "im04.png").read_bytes(), headers=AUTH).json()
-    assert by_item[3]["risk"] == pytest.approx(single["risk"], abs=1e-5)  # batched = alone
+    _, screener = served  # batched = alone (with its heatmap), within the engine's rounding
+    assert by_item[3]["risk"] == pytest.approx(single["risk"], abs=1e-5 if screener.features.precision == "fp32"
+                                               else 2e-3)
     assert "Doe_Jane" not in answer.text and "first.jpg" not in answer.text
 
 

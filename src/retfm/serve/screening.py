@@ -10,8 +10,9 @@ The steps a request goes through, split by where they run:
 - :meth:`Screener.run_batch` (per micro-batch, on the one model thread): one forward pass of the classifier over
   the gradable images of many requests, its features on the inference engine chosen at start
   (``retfm.models.engine``, checked on phantom fundus photographs against PyTorch eager fp32) and its last linear
-  layer in PyTorch; Grad-CAM (the ``grad-cam`` package, on the last transformer block or convolutional stage) for
-  those that asked for a heatmap, which makes that forward pass one with gradients (on PyTorch); one forward pass
+  layer in PyTorch; a second pass, in PyTorch with gradients, of Grad-CAM (the ``grad-cam`` package, on the last
+  transformer block or convolutional stage) over the images that asked for a heatmap, so an image's
+  probabilities never depend on whether one was asked for; one forward pass
   of the retrieval index's own embedding model (on an engine too) and a FAISS search, when an index is served.
 
 Decisions follow the model card: a binary classifier's finding is "positive" when the probability of its second
@@ -124,20 +125,20 @@ class Screener:
 
     def run_batch(self, items: list[tuple[Prepared, bool]]) -> list[dict]:
         """Findings for gradable prepared images, each with a heatmap when its flag asks for one: one classifier
-        forward pass (with gradients when any heatmap is wanted) and one embedding pass for the whole batch."""
+        forward pass and one embedding pass for the whole batch, and a Grad-CAM pass over those wanting a heatmap."""
         images = torch.stack([prepared.inputs["classifier"] for prepared, _ in items]).to(self.device)
-        wanted = [explain for _, explain in items]
-        if any(wanted):
-            logits, heat = self._forward_with_gradcam(images)
-        else:
-            with torch.inference_mode():
-                logits, heat = self.head(self.features(images).to(self.device)), None
+        with torch.inference_mode():
+            logits = self.head(self.features(images).to(self.device))
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        # Heatmaps come from a second, PyTorch pass with gradients over the images that asked for one, so an
+        # image's probabilities never depend on whether a heatmap was wanted or what it was batched with.
+        wanted = [row for row, (_, explain) in enumerate(items) if explain]
+        heat = dict(zip(wanted, self._gradcam(images[wanted]))) if wanted else {}
         cases = self._similar_cases(torch.stack([p.inputs["retrieval"] for p, _ in items])) if self.index else None
         results = []
         for row, (prepared, explain) in enumerate(items):
             result = self.findings(probabilities[row])
-            if explain and heat is not None:
+            if row in heat:
                 result["heatmap"] = {"png_base64": _overlay_png(prepared.crop, heat[row]),
                                      "method": f"Grad-CAM, {self._explained_layer}",
                                      "class": self._explained(probabilities[row])}
@@ -167,7 +168,7 @@ class Screener:
         """The class a heatmap explains: the finding (binary), else the predicted class."""
         return self.classes[1] if self.task == "binary" else self.classes[int(np.argmax(probabilities))]
 
-    def _forward_with_gradcam(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def _gradcam(self, images: torch.Tensor) -> np.ndarray:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -179,8 +180,7 @@ class Screener:
         else:
             layer, reshape = self.model.get_submodule(self.model.feature_info[-1]["module"]), None
         with torch.enable_grad(), GradCAM(self.model, [layer], reshape_transform=reshape) as cam:
-            heat = cam(input_tensor=images, targets=targets)
-            return cam.outputs.detach(), heat
+            return cam(input_tensor=images, targets=targets)
 
     @property
     def _explained_layer(self) -> str:
