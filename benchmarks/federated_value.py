@@ -135,7 +135,9 @@ def probe(work: Path, cohort: Path, name: str, model: list[str]) -> Path:
     folder = work / "probes" / name.replace(" ", "-")
     embeddings = work / "embeddings" / f"{name.replace(' ', '-')}.parquet"
     if not (folder / "predictions.parquet").exists():
-        retfm("embed", "--data", str(cohort), *model, "--out", str(embeddings), "--batch-size", "32")
+        # PyTorch eager for every model alike (the first embeddings were made before the engines existed)
+        retfm("embed", "--data", str(cohort), *model, "--out", str(embeddings), "--batch-size", "32",
+              "--engine", "torch")
         retfm("probe", "--embeddings", str(embeddings), "--label", LABEL, "--by", "site", "--out", str(folder))
     return folder / "predictions.parquet"
 

@@ -65,6 +65,27 @@ def test_fp32_engines_give_pytorchs_features():
         assert engine.fidelity["cosine_min"] > 0.99
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack via the C library: Linux")
+def test_building_an_openvino_engine_leaves_the_threads_signal_stack_as_it_was():
+    """OpenVINO's compile registers a signal stack of its own on the calling thread; processes that then handled
+    a signal there were killed (SIGSEGV, no traceback). The thread's own must be back after every build."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+
+    def signal_stack() -> tuple:
+        stack = engine_module._SignalStack()
+        assert libc.sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.sp, stack.flags, stack.size
+
+    before = signal_stack()
+    torch.manual_seed(0)
+    model = create("cnn-demo", weights="random")
+    for precision in ("fp32", "bf16") if cpu_has_bf16() else ("fp32",):
+        select(model, images("cnn-demo"), identity="cnn-demo-signal-stack", engine="openvino", precision=precision)
+        assert signal_stack() == before
+
+
 def test_auto_keeps_the_fastest_faithful_engine_and_fp32_where_the_cpu_has_no_bf16(monkeypatch):
     torch.manual_seed(0)
     model = create("vit-demo-p8", weights="random")

@@ -139,7 +139,8 @@ def test_predict_gives_the_models_probabilities_at_the_cards_threshold_with_heat
     assert result["verdict"] == "gradable" and result["reasons"] == []
     assert result["quality"]["quality"] > 0.9
 
-    # The same numbers as the checkpoint gives on the same field-of-view crop, decoded the same way.
+    # The same numbers as the checkpoint gives on the same field-of-view crop, decoded the same way (within bf16's
+    # rounding where the engine chosen at start runs bf16).
     from retfm.data.io import decode_image
     crop, _ = fundus.preprocess(decode_image(photo(), min_side=512).rgb, 512)
     model = create(config.model, num_classes=2)
@@ -148,7 +149,7 @@ def test_predict_gives_the_models_probabilities_at_the_cards_threshold_with_heat
                                  dim=1)[0].numpy()
     got = np.array([entry["probability"] for entry in result["probabilities"]])
     assert [entry["class"] for entry in result["probabilities"]] == ["0", "1"]
-    assert np.allclose(got, expected, atol=1e-5), (got, expected)
+    assert np.allclose(got, expected, atol=1e-5 if screener.features.precision == "fp32" else 2e-3), (got, expected)
     assert result["threshold"] == pytest.approx(screener.card["threshold"])
     assert result["positive"] == (got[1] >= result["threshold"])
     assert result["prediction"] == ("1" if result["positive"] else "0")

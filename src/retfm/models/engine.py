@@ -23,6 +23,7 @@ preprocessing), input size, exporter version and, for int8, OpenVINO/NNCF versio
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import io
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -273,12 +275,13 @@ def build(model: nn.Module, name: str, precision: str, identity: str, example: t
         import openvino
 
         core = openvino.Core()
-        network = core.read_model(onnx_file) if precision != "int8" else _quantized(
-            core, onnx_file, identity, model, quantization)
         hint = {"fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
                 "int8": {}}[precision]  # int8: the layers left unquantised run at the CPU's default precision
-        compiled = core.compile_model(network, "CPU", {**hint, "INFERENCE_NUM_THREADS": threads,
-                                                       "PERFORMANCE_HINT": "LATENCY"})
+        with _keep_signal_stack():  # NNCF compiles networks too
+            network = core.read_model(onnx_file) if precision != "int8" else _quantized(
+                core, onnx_file, identity, model, quantization)
+            compiled = core.compile_model(network, "CPU", {**hint, "INFERENCE_NUM_THREADS": threads,
+                                                           "PERFORMANCE_HINT": "LATENCY"})
         return Engine(name, precision, lambda batch: torch.from_numpy(compiled(_array(batch))[0]),
                       version=openvino.__version__)
     raise RetfmError(f"engine {name!r} is not one of {', '.join(ENGINES[1:])}")
@@ -328,6 +331,33 @@ def _quantized(core, onnx_file: Path, identity: str, model: nn.Module, images: t
         openvino.save_model(quantized, path, compress_to_fp16=False)
 
     return core.read_model(_cached(key, "model.xml", quantize))
+
+
+class _SignalStack(ctypes.Structure):
+    """POSIX ``stack_t``."""
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _keep_signal_stack():
+    """Put the calling thread's alternate signal stack back as it was (Linux).
+
+    OpenVINO's ``compile_model`` registers an alternate signal stack of its own (20 KB here) on the thread that
+    calls it. Processes that later handled a signal on that thread (a finished child's SIGCHLD under a Python
+    handler, as PyTorch's data loader installs) were killed by the kernel with SIGSEGV (``si_code`` SI_KERNEL: the
+    signal frame could not be written there), with no traceback; the test suite lost worker processes this way.
+    OpenVINO installs no handler that uses that stack, so the thread's own (none, or faulthandler's) is restored.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(saved))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def _cached(key: str, filename: str, make: Callable[[Path], None]) -> Path:
