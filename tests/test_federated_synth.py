@@ -15,7 +15,8 @@ from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_synth, local_synth_test, start_weights
 from retfm.synth.assemble import assemble
 from retfm.synth.sample import sample
-from retfm.synth.train import Conditions, build_denoiser, verified_card
+from retfm.synth.generator import Conditions, verified_card
+from retfm.synth.train import build_denoiser
 from tests.test_federated import assert_one_line_config_errors, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
 from tests.test_federated_privacy import coordinate_in_process
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retfm.adapt.finetune import add_lora, finetune, predict
+from retfm.adapt.finetune import finetune, predict
+from retfm.models.lora import add_lora
 from retfm.config import FinetuneConfig
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset

@@ -54,7 +54,7 @@ from retfm.data.sources import list_source
 from retfm.data.sources.imagefolder import HIDDEN_FILE
 from retfm.data.sources.table import MISSING_FILE
 from retfm.errors import RetfmError
-from retfm.federated import share
+from retfm.share import bundle as share
 from retfm.runs import load_checkpoint, load_own_checkpoint, read_json
 from retfm.serve import create_app
 

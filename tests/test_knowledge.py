@@ -21,7 +21,7 @@ from retfm.cli.common import stdout
 from retfm.cli.main import app
 from retfm.errors import RetfmError
 from retfm.zeroshot import knowledge as knowledge_module
-from retfm.zeroshot.knowledge import (CATEGORIES, MODALITIES, caption, class_prompts, condition, describe,
+from retfm.knowledge.base import (CATEGORIES, MODALITIES, caption, class_prompts, condition, describe,
                                       load_knowledge, lookup_key, prompts)
 
 JSIEC_CLASSES = [
@@ -312,7 +312,7 @@ def test_a_value_given_twice_in_one_map_is_an_error_and_a_later_file_overrides(t
 def test_the_knowledge_file_installs_as_package_data():
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert "zeroshot/knowledge.yaml" in pyproject["tool"]["setuptools"]["package-data"]["retfm"]
+    assert "knowledge/knowledge.yaml" in pyproject["tool"]["setuptools"]["package-data"]["retfm"]
 
 
 # ---------------------------------------------------------------- CLI

@@ -16,7 +16,7 @@ from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.models import create
-from retfm.zeroshot.retrieval import RetrievalIndex, evaluate_retrieval
+from retfm.retrieval.index import RetrievalIndex, evaluate_retrieval
 
 MODEL = "tiny-vit"
 

@@ -31,7 +31,7 @@ from retfm.models import create, preprocessing, spec
 from retfm.serve import create_app
 from retfm.serve.batching import MicroBatcher
 from retfm.serve.screening import Screener
-from retfm.zeroshot.retrieval import build_index
+from retfm.retrieval.index import build_index
 
 from tests.conftest import encode, fundus_rgb, shared_file
 

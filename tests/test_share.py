@@ -19,7 +19,7 @@ from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
-from retfm.federated import share
+from retfm.share import bundle as share
 
 CHUNK = 4096  # small chunks, so the tiny ingest spans many of them
 

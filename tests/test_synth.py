@@ -22,7 +22,8 @@ from retfm.pretrain.trainer import pretrain
 from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
 from retfm.synth.audit import audit, frechet_distance, label_fidelity, precision_recall
 from retfm.synth.sample import assign_conditions, parse_shares, sample
-from retfm.synth.train import WEIGHTS_FILENAME, load_generator, log_losses, train
+from retfm.synth.generator import WEIGHTS_FILENAME
+from retfm.synth.train import load_generator, log_losses, train
 
 STEPS = 40
 

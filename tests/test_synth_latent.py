@@ -28,7 +28,8 @@ from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
 from retfm.synth.audit import audit
 from retfm.synth.latent import class_prompts
 from retfm.synth.sample import sample
-from retfm.synth.train import Conditions, log_losses, train
+from retfm.synth.generator import Conditions
+from retfm.synth.train import log_losses, train
 
 ADAPTER = "lora/pytorch_lora_weights.safetensors"
 BASE_UNET = "unet/diffusion_pytorch_model.safetensors"

@@ -160,7 +160,7 @@ def run_demo(out: Path, config: DemoConfig, progress: Progress | None = None) ->
     steps = config.rounds * config.local_steps
     options = pretrain_options(config)
 
-    from retfm.federated.simulation import simulate
+    from retfm.federated.simulation import simulate  # start-up time: Flower loads only when a demo runs it
 
     federated = FederatedConfig(data=str(cohort), pretrain=options, rounds=config.rounds,
                                 local_steps=config.local_steps, strategy="fedavg")
@@ -276,6 +276,7 @@ def site_generator(cohort: Path, site: str, out: Path, config: DemoConfig,
     """Train a small label-conditioned generator on one site's training images, sample it in that site's label
     mix, and audit the samples against the site's real images (in 16 px pixel space). Returns the audit's headline
     numbers and the audit report's path."""
+    # start-up time: diffusers loads only when a demo trains a generator
     from retfm.synth.audit import audit
     from retfm.synth.sample import sample
     from retfm.synth.train import train

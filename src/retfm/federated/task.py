@@ -47,6 +47,7 @@ from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
                                     with_lora)
 from retfm.synth import train as synth
+from retfm.synth.generator import Conditions
 
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
 PROFILE_COLUMNS = ("sex", "country", "age_band")  # the groups whose mix each site reports
@@ -113,7 +114,7 @@ def start_weights(config: FederatedConfig) -> Weights:
     if config.task == "finetune":
         return shared_state(seeded_classifier(config.finetune_config(), config.classes())[2])
     if config.task == "synth":
-        return shared_state(synth.build_denoiser(config.synth_config(), synth.Conditions(config.synth_conditions()))[0])
+        return shared_state(synth.build_denoiser(config.synth_config(), Conditions(config.synth_conditions()))[0])
     return initial_weights(config.pretrain_config(), config.lora_options())[1]
 
 
@@ -270,7 +271,7 @@ def synth_site_config(config: SynthTrainConfig, site: Site) -> SynthTrainConfig:
 
 def _site_images(config: SynthTrainConfig, conditions: dict[str, list], site: Site) -> synth.ConditionedImages:
     try:
-        return synth.ConditionedImages(config, synth.Conditions(conditions))
+        return synth.ConditionedImages(config, Conditions(conditions))
     except RetfmError as exc:
         raise RetfmError(f"site {site.name}: {exc}") from None
 

@@ -53,7 +53,7 @@ from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate.report import REPORT_CSS, figure_png, new_figure
 from retfm.models import create, preprocessing, spec as model_spec
-from retfm.synth.train import verified_card
+from retfm.synth.generator import verified_card
 
 AUDIT_FILENAME, REPORT_FILENAME = "audit.json", "report.html"
 PIXELS = "pixels"

@@ -27,7 +27,8 @@ from retfm.config import SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.runs import checked_device, read_json
-from retfm.synth.train import Conditions, load_generator
+from retfm.synth.generator import Conditions
+from retfm.synth.train import load_generator
 
 SAMPLE_FILENAME = "sample.json"
 SYNTHETIC_SITE = "synthetic"  # the site of images from a generator not conditioned on site

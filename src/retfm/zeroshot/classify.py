@@ -23,7 +23,7 @@ from retfm.adapt.predictions import resolve_task, write_results
 from retfm.config import EmbedConfig
 from retfm.errors import RetfmError
 from retfm.pretrain.clip import CLIP, load_clip
-from retfm.zeroshot.knowledge import load_knowledge
+from retfm.knowledge.base import load_knowledge
 
 EMBEDDINGS_FILENAME = "image_embeddings.parquet"
 
