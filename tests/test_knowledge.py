@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from retfm.cli.common import stdout
 from retfm.cli.main import app
 from retfm.errors import RetfmError
-from retfm.zeroshot import knowledge as knowledge_module
 from retfm.knowledge.base import (CATEGORIES, MODALITIES, caption, class_prompts, condition, describe,
                                       load_knowledge, lookup_key, prompts)
+from retfm.zeroshot import knowledge as knowledge_module
 
 JSIEC_CLASSES = [
     "0.0.Normal", "0.1.Tessellated fundus", "0.2.Large optic cup", "0.3.DR1", "1.0.DR2", "1.1.DR3", "2.0.BRVO",

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort

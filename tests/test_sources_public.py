@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.sources import FORMATS, READERS

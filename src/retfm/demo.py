@@ -36,10 +36,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from retfm import __version__
+from retfm.adapt.config import EmbedConfig, ProbeConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.probe import probe
-from retfm.config import (PUBLISHED, EmbedConfig, FederatedConfig, IngestConfig, ProbeConfig, PretrainConfig,
-                          SynthAuditConfig, SynthSampleConfig, SynthTrainConfig)
+from retfm.data.config import IngestConfig
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
@@ -47,7 +47,10 @@ from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.evaluate.compare import compare_predictions
 from retfm.evaluate.report import REPORT_CSS
+from retfm.federated.config import FederatedConfig
+from retfm.pretrain.config import PUBLISHED, PretrainConfig
 from retfm.pretrain.trainer import MODEL_FILENAME, pretrain
+from retfm.synth.config import SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
 
 GROUPS = ("site", "country", "sex")
 START, RANDOM, FEDERATED, POOLED = "ImageNet start", "random weights", "federated", "pooled"

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from retfm import __version__
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embeddings import vector_column
-from retfm.config import EmbedConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
 from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError

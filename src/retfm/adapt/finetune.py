@@ -42,8 +42,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from retfm import __version__
+from retfm.adapt.config import FinetuneConfig
 from retfm.adapt.predictions import resolve_task, write_results, youden_threshold
-from retfm.config import FinetuneConfig, save_config
+from retfm.config import save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset

@@ -27,7 +27,8 @@ def embed(
 ) -> None:
     """Compute one embedding per image with a foundation model and its own preprocessing."""
     from retfm.adapt.embed import embed as run_embed
-    from retfm.config import EmbedConfig, load_config
+    from retfm.adapt.config import EmbedConfig
+    from retfm.config import load_config
 
     options = {"model": model, "weights": weights, "batch_size": batch_size, "device": device, "engine": engine,
                "precision": precision, "workers": workers, "split": split}
@@ -55,7 +56,8 @@ def probe(
 ) -> None:
     """Fit a logistic-regression or kNN head on train embeddings (C or k chosen on val), evaluate on test."""
     from retfm.adapt.probe import probe as run_probe
-    from retfm.config import ProbeConfig, load_config
+    from retfm.adapt.config import ProbeConfig
+    from retfm.config import load_config
 
     options = {"label": label, "head": head, "class_weight": class_weight, "task": task, "by": by,
                "bootstrap": bootstrap, "seed": seed}

@@ -31,7 +31,8 @@ def finetune(
 ) -> None:
     """Fine-tune a foundation model on a label (RETFound's recipe), pick the best epoch on val, evaluate on test."""
     from retfm.adapt.finetune import finetune as run_finetune
-    from retfm.config import FinetuneConfig, load_config
+    from retfm.adapt.config import FinetuneConfig
+    from retfm.config import load_config
 
     options = {"data": data, "model": model, "weights": weights, "label": label, "adaptation": adaptation,
                "label_fraction": label_fraction, "epochs": epochs, "batch_size": batch_size, "by": by,

@@ -31,7 +31,8 @@ def pretrain(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Pretrain a backbone self-supervised; the result loads wherever a model name does."""
-    from retfm.config import PretrainConfig, load_config
+    from retfm.config import load_config
+    from retfm.pretrain.config import PretrainConfig
     from retfm.pretrain.trainer import MODEL_FILENAME, pretrain as run_pretrain
 
     options = {"objective": objective, "data": data or None, "data_weights": data_weights, "model": model,

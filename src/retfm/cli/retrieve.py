@@ -27,7 +27,8 @@ def build(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Build a cosine-similarity index over an embeddings file, for `retfm retrieve`."""
-    from retfm.config import IndexConfig, load_config
+    from retfm.config import load_config
+    from retfm.retrieval.config import IndexConfig
     from retfm.retrieval.index import build_index
 
     options = {"kind": kind, "split": split, "nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,

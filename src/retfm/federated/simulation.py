@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from retfm import __version__
-from retfm.config import FederatedConfig, save_config
+from retfm.adapt.finetune import save_classifier
+from retfm.adapt.predictions import resolve_task
+from retfm.config import save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
-from retfm.adapt.finetune import save_classifier
-from retfm.adapt.predictions import resolve_task
+from retfm.federated.config import FederatedConfig
 from retfm.federated.task import MIN_CELL, Site, load_shared, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
 from retfm.models.lora import merged

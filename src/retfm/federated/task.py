@@ -33,20 +33,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from retfm.adapt import finetune as recipe
+from retfm.adapt.config import FinetuneConfig
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.config import FederatedConfig, FinetuneConfig, LoraOptions, PretrainConfig, SynthTrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
 from retfm.data.stats import age_band
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
+from retfm.federated.config import FederatedConfig
 from retfm.models import ModelSpec, memory_format, preprocessing
+from retfm.pretrain.config import LoraOptions, PretrainConfig
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
                                     with_lora)
 from retfm.synth import train as synth
+from retfm.synth.config import SynthTrainConfig
 from retfm.synth.generator import Conditions
 
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
-from retfm.config import PUBLISHED, LoraOptions, PretrainConfig, save_config
+from retfm.config import save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, run_batches, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
@@ -45,6 +45,7 @@ from retfm.models import ModelSpec, create, memory_format, preprocessing, save_c
 from retfm.models import spec as model_spec
 from retfm.models.lora import add_lora, merged
 from retfm.pretrain.clip import CLIP, Captions
+from retfm.pretrain.config import PUBLISHED, LoraOptions, PretrainConfig
 from retfm.pretrain.mae import MAE
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.token_reconstruction import TokenReconstruction

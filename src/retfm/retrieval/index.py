@@ -44,15 +44,18 @@ import pyarrow.parquet as pq
 import torch
 
 from retfm import __version__
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
-from retfm.config import EmbedConfig, IndexConfig, IngestConfig, load_config
+from retfm.config import load_config
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import REPORT_FILENAME, ingest
 from retfm.data.manifest import CONVENTIONAL_COLUMNS, GROUP_COLUMNS
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models.identity import IDENTITY_KEYS, weights_sha256
 from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
+from retfm.retrieval.config import IndexConfig
 
 INDEX_FILENAME = "index.faiss"
 ITEMS_FILENAME = "items.parquet"

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retfm.config import ServeConfig
 from retfm.data import fundus
 from retfm.data.datasets import eval_transform
 from retfm.data.io import decode_image
@@ -45,6 +44,7 @@ from retfm.models.engine import CALIBRATION_IMAGES, PreLogits, select
 from retfm.models.identity import embedding_identity
 from retfm.models.registry import card_path
 from retfm.retrieval.index import RetrievalIndex, check_same_model
+from retfm.serve.config import ServeConfig
 
 HEATMAP_SIDE = 448  # the overlay's side in pixels: enough to see where, small enough for JSON
 QUALITY_SCORES = ("quality_exposure", "quality_sharpness", "fov_fraction")

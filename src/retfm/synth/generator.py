@@ -12,9 +12,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
-from retfm.config import SynthTrainConfig
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
+from retfm.synth.config import SynthTrainConfig
 
 CARD_FILENAME = "generator.json"
 UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
@@ -38,7 +38,7 @@ class Conditions:
 
     @classmethod
     def from_table(cls, table, columns: list[str]) -> Conditions:
-        return cls({c: sorted(_plain(v) for v in table[c].dropna().unique()) for c in columns})
+        return cls({c: sorted(plain_value(v) for v in table[c].dropna().unique()) for c in columns})
 
     def index(self, rows: dict[str, list]) -> np.ndarray:
         """Class index of each row, from per-column values."""
@@ -46,14 +46,14 @@ class Conditions:
         for column in self.columns:
             lookup = {v: i for i, v in enumerate(self.values[column])}
             try:
-                positions.append([lookup[_plain(v)] for v in rows[column]])
+                positions.append([lookup[plain_value(v)] for v in rows[column]])
             except KeyError as exc:
                 raise RetfmError(f"condition {column}={exc.args[0]!r}: not one of the generator's values "
                                  f"({', '.join(map(str, self.values[column]))})") from None
         return np.ravel_multi_index(positions, self.shape).astype(np.int64)
 
 
-def _plain(value):
+def plain_value(value):
     """numpy and pandas scalars as Python ones, so values compare, sort and go to JSON alike."""
     return value.item() if hasattr(value, "item") else value
 

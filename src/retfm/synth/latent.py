@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retfm.config import SynthTrainConfig
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.knowledge.base import load_knowledge
+from retfm.synth.config import SynthTrainConfig
 from retfm.synth.generator import LATENT_LORA, WEIGHTS_FILES, Conditions, forward_flops, write_card
 
 ADAPTER_DIR, ADAPTER_FILENAME = WEIGHTS_FILES[LATENT_LORA].split("/")

@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from retfm.config import SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.runs import checked_device, read_json
+from retfm.synth.config import SynthSampleConfig
 from retfm.synth.generator import Conditions
 from retfm.synth.train import load_generator
 

@@ -33,14 +33,16 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from retfm.config import SynthTrainConfig, save_config
+from retfm.config import save_config
+
 from retfm.data.datasets import ManifestDataset, run_batches
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole, truncate_log
+from retfm.synth.config import SynthTrainConfig
 from retfm.synth.generator import (LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, Conditions, card_type, forward_flops,
-                                   verified_card, write_card)
+                                   plain_value, verified_card, write_card)
 from retfm.synth.latent import LatentLoRA
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -283,7 +285,7 @@ class ConditionedImages:
 
     def class_shares(self) -> dict[str, dict[str, float]]:
         """Each condition column's value shares in the training data: the default sampling shares."""
-        return {c: {str(v): round(float(s), 6) for v, s in self.table[c].map(_plain).value_counts(normalize=True)
+        return {c: {str(v): round(float(s), 6) for v, s in self.table[c].map(plain_value).value_counts(normalize=True)
                     .sort_index().items()} for c in self.conditions.columns}
 
     def order(self, epoch: int) -> np.ndarray:

@@ -20,8 +20,8 @@ from pathlib import Path, PurePath
 import pandas as pd
 
 from retfm.data.paths import OUTSIDE_INPUT, inside
-from retfm.data.sources.items import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.data.sources.imagefolder import list_files
+from retfm.data.sources.items import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.data.sources.table import MISSING_FILE
 from retfm.errors import RetfmError
 
