@@ -22,7 +22,7 @@ from retfm.cli.main import app
 from retfm.errors import RetfmError
 from retfm.knowledge.base import (CATEGORIES, MODALITIES, caption, class_prompts, condition, describe,
                                       load_knowledge, lookup_key, prompts)
-from retfm.zeroshot import knowledge as knowledge_module
+from retfm.knowledge import base as knowledge_module
 
 JSIEC_CLASSES = [
     "0.0.Normal", "0.1.Tessellated fundus", "0.2.Large optic cup", "0.3.DR1", "1.0.DR2", "1.1.DR3", "2.0.BRVO",
@@ -61,7 +61,7 @@ REQUIRED = {
 
 
 def raw_knowledge() -> dict:
-    return yaml.safe_load(resources.files("retfm.zeroshot").joinpath("knowledge.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(resources.files("retfm.knowledge").joinpath("knowledge.yaml").read_text(encoding="utf-8"))
 
 
 def names_it(text: str, entry) -> bool:

@@ -30,12 +30,12 @@ class EmbedConfig(Options):
 class ProbeConfig(Options):
     """Options of ``retfm probe``."""
 
-    label: str
+    label: str = Field(..., description="label column to predict")
     head: Literal["logreg", "knn"] = "logreg"
     class_weight: Literal["none", "balanced"] = "none"
     task: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
     by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: Seed = 0
 
     @field_validator("by", mode="before")
@@ -50,18 +50,18 @@ class FinetuneConfig(Options):
     data: str = Field(..., description="ingest folder or manifest file with train/val/test splits")
     model: str = Field(..., description="registry name or retfm checkpoint")
     weights: str | None = Field(None, description="weights file, 'random', or none for the model's own weights")
-    label: str
+    label: str = Field(..., description="label column to predict")
     adaptation: Literal["full", "linear", "lora"] = "full"
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of training patients kept, by label")
     train_sites: list[str] | None = Field(None, description="train and validate on these sites only")
     test_sites: list[str] | None = Field(None, description="test on these sites only")
     task: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
     by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=1, description="training epochs")
     warmup_epochs: int = Field(5, ge=0)
     patience: int = Field(10, ge=1, description="stop after this many epochs without a better validation score")
     select_metric: str = Field("auroc", description="validation metric that picks the best epoch, or 'loss'")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per batch")
     accum_steps: int = Field(1, ge=1)
     blr: float = Field(5e-3, gt=0, description="base learning rate; lr = blr * images per step / 256")
     min_lr: float = Field(1e-6, ge=0)
@@ -85,7 +85,7 @@ class FinetuneConfig(Options):
     device: Device = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"
     workers: Workers
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: Seed = 0
 
     @field_validator("by", "train_sites", "test_sites", "lora_targets", mode="before")

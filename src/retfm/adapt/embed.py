@@ -8,7 +8,7 @@ run resumes where it stopped; the finished file joins them with the manifest col
 The forward pass runs on an inference engine (``retfm.models.engine``): under ``--engine auto`` the fastest of
 PyTorch, ONNX Runtime and OpenVINO whose features match PyTorch eager fp32 on the manifest's first images.
 
-Output (the Embeddings contract of DESIGN.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
+Output (the Embeddings contract, docs/adapt.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
 float32) and the manifest's split, site, patient, group and label columns; schema metadata ``retfm.model``,
 ``retfm.weights_sha256`` (of the loaded tensors, whatever file they came from), ``retfm.preprocessing``,
 ``retfm.embed_dim``, ``retfm.config``, ``retfm.manifest_sha256``, ``retfm.version``, ``retfm.engine`` (the engine,

@@ -27,8 +27,9 @@ class PretrainConfig(Options):
 
     objective: Literal[OBJECTIVES] = Field(..., description="mae (RETFound), token-reconstruction (RETFound-Green) "
                                                          "or clip (image-text; objective_options loss: siglip)")
-    data: list[str] = Field(..., min_length=1, description="ingest folders or manifest files (mixed by weight), "
-                                                          "or one set of shards: folder, brace pattern or URL")
+    data: list[str] = Field(..., min_length=1, json_schema_extra={"repeatable": True},
+                            description="ingest folders or manifest files (repeatable: mixed by weight), or one set "
+                                        "of shards from `retfm data shard`: folder, brace pattern or URL")
     data_weights: list[float] | None = Field(None, description="sampling share of each --data (default: by size)")
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
     sites: list[str] | None = Field(None, description="manifests: rows of these sites only (null: every site)")
