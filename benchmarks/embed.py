@@ -44,14 +44,14 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from retfm.adapt.config import EmbedConfig, ProbeConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
 from retfm.adapt.probe import probe
-from retfm.config import EmbedConfig, ProbeConfig
 from retfm.data.manifest import Manifest
 from retfm.models import create, spec
-from retfm.models.backbones import POOLING_KWARGS
 from retfm.models import engine as engine_module
+from retfm.models.backbones import POOLING_KWARGS
 from retfm.models.engine import cpu_has_bf16
 
 HERE = Path(__file__).resolve().parent

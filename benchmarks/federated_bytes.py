@@ -16,9 +16,9 @@ import argparse
 
 from flwr.app import ArrayRecord
 
-from retfm.config import FederatedLora, PretrainConfig
 from retfm.federated.task import initial_weights
 from retfm.models import spec
+from retfm.pretrain.config import LoraOptions, PretrainConfig
 
 
 def array_bytes(weights: dict) -> int:
@@ -26,7 +26,7 @@ def array_bytes(weights: dict) -> int:
     return sum(len(array.data) for array in ArrayRecord(weights).values())
 
 
-def measure(model: str, objective: str, lora: FederatedLora) -> dict:
+def measure(model: str, objective: str, lora: LoraOptions) -> dict:
     config = PretrainConfig.model_validate({"data": ["none"], "model": model, "objective": objective})
     row = {"model": model, "objective": objective}
     for params, adapters in (("full", None), ("lora", lora)):
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["token-reconstruction", "mae"])
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
-    lora = FederatedLora(rank=args.rank)
+    lora = LoraOptions(rank=args.rank)
     print(f"MB per site and round; site -> coordinator (the coordinator sends the fp32 column). LoRA rank "
           f"{lora.rank} on {', '.join(lora.targets)}.\n")
     print("| model | objective | trainable params | full fp32 | full fp16 | LoRA params | LoRA fp32 | LoRA fp16 | "

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from retfm.config import FederatedConfig, IngestConfig
+from retfm.data.config import IngestConfig
+
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
+from retfm.federated.config import FederatedConfig
 from retfm.federated.simulation import resolve_sites, simulate
 from retfm.federated.task import initial_weights, local_pretrain
 

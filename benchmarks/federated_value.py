@@ -44,11 +44,11 @@ from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.finetune import predict
 from retfm.adapt.predictions import predictions_table, write_predictions
-from retfm.config import FederatedConfig
 from retfm.data.manifest import Manifest
 from retfm.evaluate import read_predictions
 from retfm.evaluate.compare import compare_predictions
 from retfm.evaluate.metrics import as_strings
+from retfm.federated.config import FederatedConfig
 from retfm.federated.simulation import resolve_sites
 from retfm.federated.task import load_shared, local_finetune as site_work, seeded_classifier, shared_state
 from retfm.models import create, preprocessing, spec

@@ -30,7 +30,7 @@ def run_variant(architecture: str, variant: str, steps: int, batch: int, device:
     from timm.optim import create_optimizer_v2
 
     from retfm.adapt.finetune import _adapt
-    from retfm.config import FinetuneConfig
+    from retfm.adapt.config import FinetuneConfig
 
     torch.manual_seed(0)
     config = FinetuneConfig(data="unused", model="unused", label="unused",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retfm.config import IngestConfig
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import render_fundus, site_profiles
 

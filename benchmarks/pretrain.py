@@ -67,7 +67,7 @@ class ReferenceMAE(torch.nn.Module):
 def run_variant(variant: str, steps: int, batch: int, device: str, precision: str) -> dict:
     import timm
 
-    from retfm.config import PretrainConfig
+    from retfm.pretrain.config import PretrainConfig
     from retfm.pretrain.trainer import build_objective, build_optimiser
 
     torch.manual_seed(0)

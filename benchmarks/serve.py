@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retfm.config import ServeConfig
 from retfm.models import create, save_checkpoint, spec
+from retfm.serve.config import ServeConfig
 from retfm.serve.screening import Screener
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "retina_cc0.jpg"

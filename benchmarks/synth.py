@@ -24,12 +24,14 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.probe import LogisticHead
-from retfm.config import IngestConfig, PretrainConfig, SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort
+from retfm.pretrain.config import PretrainConfig
 from retfm.pretrain.trainer import pretrain
 from retfm.synth.audit import Encoder, audit
+from retfm.synth.config import SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
 from retfm.synth.sample import sample
 from retfm.synth.train import train
 

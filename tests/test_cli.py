@@ -8,8 +8,10 @@ import typer
 from typer.testing import CliRunner
 
 from retfm import __version__
+from retfm.cli.common import literal_values, shown_default
 from retfm.cli.main import app
 from retfm.data import Manifest
+from retfm.pretrain.config import OBJECTIVES
 
 
 def _command_paths(group: click.Group, prefix=()):
@@ -20,6 +22,13 @@ def _command_paths(group: click.Group, prefix=()):
 
 
 COMMANDS = list(_command_paths(typer.main.get_command(app)))
+
+
+def _command(path) -> click.Command:
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) for p in COMMANDS])
@@ -68,3 +77,29 @@ def test_phantoms_ingest_stats_road(tmp_path):
     assert (table.groupby("patient_id")["split"].nunique() == 1).all()
     assert set(table["eye"]) == {"L", "R"} and table["quality"].between(0, 1).all()
     assert table["dr_grade"].notna().all() and str(table["dr_grade"].dtype).startswith(("int", "Int"))
+
+
+def _generated_options(command: click.Command):
+    """The options of a command generated from its config: (option, config field) pairs."""
+    model = getattr(command.callback, "config_model", None)
+    return [] if model is None else [(p, model.model_fields[p.name]) for p in command.params if p.name in model.model_fields]
+
+
+GENERATED = [(path, command) for path, command in ((p, _command(p)) for p in COMMANDS) if _generated_options(command)]
+
+
+@pytest.mark.parametrize("path,command", GENERATED, ids=[" ".join(p) for p, _ in GENERATED])
+def test_help_shows_the_config_defaults_and_every_accepted_value(path, command):
+    """An option generated from a config field shows that field's default and lists every value a Literal takes."""
+    for param, field in _generated_options(command):
+        if not field.is_required():
+            assert f"[default: {shown_default(field.get_default(call_default_factory=True))}]" in param.help, param.name
+        for value in literal_values(field.annotation):
+            assert str(value) in param.help, (param.name, value)
+    text = CliRunner().invoke(app, [*path, "--help"], terminal_width=200).output
+    assert all(param.opts[0] in text for param, _ in _generated_options(command))
+
+
+def test_pretrain_help_lists_every_objective():
+    text = CliRunner().invoke(app, ["pretrain", "--help"], terminal_width=200).output
+    assert all(objective in text for objective in OBJECTIVES)

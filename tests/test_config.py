@@ -1,6 +1,8 @@
 import pytest
 
-from retfm.config import IngestConfig, load_config, save_config
+from retfm.config import load_config, save_config
+
+from retfm.data.config import IngestConfig
 from retfm.errors import RetfmError
 
 

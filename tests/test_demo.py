@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from retfm.config import IngestConfig
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort

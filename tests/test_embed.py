@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 from retfm.adapt import embed as embed_module
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
-from retfm.config import EmbedConfig, IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.datasets import eval_transform
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort

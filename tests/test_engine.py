@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
-from retfm.config import EmbedConfig, IngestConfig
+from retfm.data.config import IngestConfig
 from retfm.data.datasets import eval_transform
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort

@@ -10,11 +10,15 @@ import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from retfm.config import FederatedConfig, IngestConfig, load_config
+from retfm.config import load_config
+
+from retfm.data.config import IngestConfig
+
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.federated.apps import build_strategy, client_app, restore_strategy, screen, strategy_state
+from retfm.federated.config import FederatedConfig
 from retfm.federated.simulation import representativeness, resolve_sites, simulate
 from retfm.federated.task import MIN_CELL, initial_weights, local_evaluate, local_pretrain, site_profile
 from retfm.models import create

@@ -19,9 +19,10 @@ from flwr.cli.config_utils import load_and_validate
 from typer.testing import CliRunner
 
 from retfm.cli.main import app as cli
-from retfm.config import FederatedConfig, IngestConfig
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
+from retfm.federated.config import FederatedConfig
 from retfm.federated.credentials import CA_CERT, make_credentials, site_key_files
 from retfm.federated.deploy import superlink_command, supernode_command, write_app
 from retfm.federated.task import Site, initial_weights

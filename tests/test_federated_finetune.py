@@ -11,11 +11,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.finetune import predict
-from retfm.config import FederatedConfig, ServeConfig, load_config
+from retfm.config import load_config
 from retfm.errors import RetfmError
+from retfm.federated.config import FederatedConfig
 from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_finetune, local_test, seeded_classifier, start_weights
 from retfm.models import create, preprocessing, spec
+from retfm.serve.config import ServeConfig
 from retfm.serve.screening import Screener
 from tests.test_federated import assert_one_line_config_errors, METRIC_KEYS, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
 from tests.test_federated_privacy import coordinate_in_process

@@ -12,9 +12,11 @@ from dp_accounting import GaussianDpEvent
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from retfm.config import FederatedConfig, load_config
+from retfm.config import load_config
+
 from retfm.errors import RetfmError
 from retfm.federated.apps import build_strategy, client_app, coordinate
+from retfm.federated.config import FederatedConfig
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, privacy_spent
 from retfm.federated.simulation import finish, resolve_sites
 from retfm.federated.task import initial_weights, seeded_model

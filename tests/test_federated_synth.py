@@ -9,13 +9,18 @@ import pandas as pd
 import pytest
 import torch
 
-from retfm.config import FederatedConfig, SynthAssembleConfig, SynthSampleConfig, load_config
+from retfm.config import load_config
+
+from retfm.federated.config import FederatedConfig
+
 from retfm.errors import RetfmError
 from retfm.federated.simulation import finish, resolve_sites, simulate
 from retfm.federated.task import local_synth, local_synth_test, start_weights
 from retfm.synth.assemble import assemble
+from retfm.synth.config import SynthAssembleConfig, SynthSampleConfig
+from retfm.synth.generator import Conditions, verified_card
 from retfm.synth.sample import sample
-from retfm.synth.train import Conditions, build_denoiser, verified_card
+from retfm.synth.train import build_denoiser
 from tests.test_federated import assert_one_line_config_errors, assert_only_weights_and_aggregates, cohort, task_identity  # noqa: F401
 from tests.test_federated_privacy import coordinate_in_process
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from retfm.adapt.finetune import add_lora, finetune, predict
-from retfm.config import FinetuneConfig
+from retfm.adapt.config import FinetuneConfig
+from retfm.adapt.finetune import finetune, predict
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
 from retfm.errors import RetfmError
 from retfm.models import create, preprocessing, spec
+from retfm.models.lora import add_lora
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
 from retfm.cli.main import app, main
-from retfm.config import IngestConfig, ServeConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.datasets import ManifestDataset
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
@@ -54,9 +54,10 @@ from retfm.data.sources import list_source
 from retfm.data.sources.imagefolder import HIDDEN_FILE
 from retfm.data.sources.table import MISSING_FILE
 from retfm.errors import RetfmError
-from retfm.federated import share
 from retfm.runs import load_checkpoint, load_own_checkpoint, read_json
-from retfm.serve import create_app
+from retfm.serve.app import create_app
+from retfm.serve.config import ServeConfig
+from retfm.share import bundle as share
 
 from tests.conftest import SHARED_DATA, encode, fundus_rgb
 from tests.test_cli import COMMANDS

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from retfm.config import IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.errors import RetfmError
 from tests.conftest import encode, fundus_rgb, shared_file

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from retfm.cli.common import stdout
 from retfm.cli.main import app
 from retfm.errors import RetfmError
-from retfm.zeroshot import knowledge as knowledge_module
-from retfm.zeroshot.knowledge import (CATEGORIES, MODALITIES, caption, class_prompts, condition, describe,
+from retfm.knowledge.base import (CATEGORIES, MODALITIES, caption, class_prompts, condition, describe,
                                       load_knowledge, lookup_key, prompts)
+from retfm.knowledge import base as knowledge_module
 
 JSIEC_CLASSES = [
     "0.0.Normal", "0.1.Tessellated fundus", "0.2.Large optic cup", "0.3.DR1", "1.0.DR2", "1.1.DR3", "2.0.BRVO",
@@ -61,7 +61,7 @@ REQUIRED = {
 
 
 def raw_knowledge() -> dict:
-    return yaml.safe_load(resources.files("retfm.zeroshot").joinpath("knowledge.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(resources.files("retfm.knowledge").joinpath("knowledge.yaml").read_text(encoding="utf-8"))
 
 
 def names_it(text: str, entry) -> bool:
@@ -312,7 +312,7 @@ def test_a_value_given_twice_in_one_map_is_an_error_and_a_later_file_overrides(t
 def test_the_knowledge_file_installs_as_package_data():
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert "zeroshot/knowledge.yaml" in pyproject["tool"]["setuptools"]["package-data"]["retfm"]
+    assert "knowledge/knowledge.yaml" in pyproject["tool"]["setuptools"]["package-data"]["retfm"]
 
 
 # ---------------------------------------------------------------- CLI

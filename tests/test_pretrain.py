@@ -13,11 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retfm.config import EmbedConfig, IngestConfig, PretrainConfig
+from retfm.adapt.config import EmbedConfig
+
+from retfm.data.config import IngestConfig
+
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.data.shards import ShardDataset, write_shards
 from retfm.errors import RetfmError
+from retfm.pretrain.config import PretrainConfig
 from retfm.pretrain.trainer import MixedData, _warmup_cosine, pretrain
 
 TINY_MAE = ["--set", "objective_options={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}"]

@@ -8,15 +8,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
 from retfm.cli.main import app
-from retfm.config import EmbedConfig, IndexConfig, IngestConfig
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.models import create
-from retfm.zeroshot.retrieval import RetrievalIndex, evaluate_retrieval
+from retfm.retrieval.config import IndexConfig
+from retfm.retrieval.index import RetrievalIndex, evaluate_retrieval
 
 MODEL = "tiny-vit"
 

@@ -21,17 +21,19 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from retfm.adapt.config import EmbedConfig, FinetuneConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.finetune import finetune
-from retfm.config import EmbedConfig, FinetuneConfig, IndexConfig, ServeConfig
 from retfm.data import fundus
 from retfm.data.datasets import eval_transform
 from retfm.data.manifest import Manifest
 from retfm.models import create, preprocessing, spec
-from retfm.serve import create_app
+from retfm.retrieval.config import IndexConfig
+from retfm.retrieval.index import build_index
+from retfm.serve.app import create_app
 from retfm.serve.batching import MicroBatcher
+from retfm.serve.config import ServeConfig
 from retfm.serve.screening import Screener
-from retfm.zeroshot.retrieval import build_index
 
 from tests.conftest import encode, fundus_rgb, shared_file
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from retfm.config import ServeConfig
-from retfm.serve import create_app
+from retfm.serve.app import create_app
+from retfm.serve.config import ServeConfig
 from tests.conftest import shared_file
 from tests.test_serve import KEY, blurred_photo, make_served_model
 

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform, train_transform
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort

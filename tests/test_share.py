@@ -13,13 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
-from retfm.federated import share
+from retfm.share import bundle as share
 
 CHUNK = 4096  # small chunks, so the tiny ingest spans many of them
 

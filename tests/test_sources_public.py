@@ -9,12 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import IngestConfig
 from retfm.data import Manifest
+from retfm.data.config import IngestConfig
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
-from retfm.data.sources import FORMATS, PUBLIC_FORMATS
-from retfm.data.sources.public import READERS
+from retfm.data.sources import FORMATS, READERS
+from retfm.data.sources.public import PUBLIC_READERS
 from retfm.errors import RetfmError
 from tests.conftest import encode, fundus_rgb
 
@@ -44,7 +44,7 @@ def _rejected(report):
 
 
 def test_every_public_format_is_wired():
-    assert set(READERS) == set(PUBLIC_FORMATS) and set(PUBLIC_FORMATS) < set(FORMATS)
+    assert set(PUBLIC_READERS) < set(READERS) and FORMATS == ("auto", *READERS)
     assert set(typing.get_args(IngestConfig.model_fields["format"].annotation)) == set(FORMATS)
 
 

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from retfm.adapt.config import StudyConfig
 from retfm.adapt.finetune import finetune
 from retfm.adapt.study import plan_cells, run_study
-from retfm.config import IngestConfig, StudyConfig, load_config
+from retfm.config import load_config
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError

@@ -12,17 +12,19 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import (IngestConfig, PretrainConfig, SynthAssembleConfig, SynthAuditConfig, SynthSampleConfig,
-                          SynthTrainConfig)
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
+from retfm.pretrain.config import PretrainConfig
 from retfm.pretrain.trainer import pretrain
 from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
 from retfm.synth.audit import audit, frechet_distance, label_fidelity, precision_recall
+from retfm.synth.config import SynthAssembleConfig, SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
+from retfm.synth.generator import WEIGHTS_FILENAME
 from retfm.synth.sample import assign_conditions, parse_shares, sample
-from retfm.synth.train import WEIGHTS_FILENAME, load_generator, log_losses, train
+from retfm.synth.train import load_generator, log_losses, train
 
 STEPS = 40
 

@@ -16,19 +16,21 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retfm.cli.main import app
-from retfm.config import (IngestConfig, PretrainConfig, SynthAssembleConfig, SynthAuditConfig, SynthSampleConfig,
-                          SynthTrainConfig)
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
+from retfm.pretrain.config import PretrainConfig
 from retfm.pretrain.trainer import pretrain
 from retfm.synth.assemble import SUBMISSION_FILES, assemble, export
 from retfm.synth.audit import audit
+from retfm.synth.config import SynthAssembleConfig, SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
+from retfm.synth.generator import Conditions
 from retfm.synth.latent import class_prompts
 from retfm.synth.sample import sample
-from retfm.synth.train import Conditions, log_losses, train
+from retfm.synth.train import log_losses, train
 
 ADAPTER = "lora/pytorch_lora_weights.safetensors"
 BASE_UNET = "unet/diffusion_pytorch_model.safetensors"

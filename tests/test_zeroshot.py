@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from retfm.config import PretrainConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.pretrain.clip import CLIP, CLIP_WEIGHTS, load_clip
+from retfm.pretrain.config import PretrainConfig
 from retfm.pretrain.trainer import pretrain
 from retfm.zeroshot.classify import class_texts, top_k_accuracy, zeroshot
 

@@ -36,10 +36,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from retfm import __version__
+from retfm.adapt.config import EmbedConfig, ProbeConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.probe import probe
-from retfm.config import (PUBLISHED, EmbedConfig, FederatedConfig, IngestConfig, ProbeConfig, PretrainConfig,
-                          SynthAuditConfig, SynthSampleConfig, SynthTrainConfig)
+from retfm.data.config import IngestConfig
 from retfm.data.deid import generate_key
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
@@ -47,7 +47,10 @@ from retfm.data.phantoms import generate_cohort
 from retfm.errors import RetfmError
 from retfm.evaluate.compare import compare_predictions
 from retfm.evaluate.report import REPORT_CSS
+from retfm.federated.config import FederatedConfig
+from retfm.pretrain.config import PUBLISHED, PretrainConfig
 from retfm.pretrain.trainer import MODEL_FILENAME, pretrain
+from retfm.synth.config import SynthAuditConfig, SynthSampleConfig, SynthTrainConfig
 
 GROUPS = ("site", "country", "sex")
 START, RANDOM, FEDERATED, POOLED = "ImageNet start", "random weights", "federated", "pooled"
@@ -160,7 +163,7 @@ def run_demo(out: Path, config: DemoConfig, progress: Progress | None = None) ->
     steps = config.rounds * config.local_steps
     options = pretrain_options(config)
 
-    from retfm.federated.simulation import simulate
+    from retfm.federated.simulation import simulate  # start-up time: Flower loads only when a demo runs it
 
     federated = FederatedConfig(data=str(cohort), pretrain=options, rounds=config.rounds,
                                 local_steps=config.local_steps, strategy="fedavg")
@@ -276,6 +279,7 @@ def site_generator(cohort: Path, site: str, out: Path, config: DemoConfig,
     """Train a small label-conditioned generator on one site's training images, sample it in that site's label
     mix, and audit the samples against the site's real images (in 16 px pixel space). Returns the audit's headline
     numbers and the audit report's path."""
+    # start-up time: diffusers loads only when a demo trains a generator
     from retfm.synth.audit import audit
     from retfm.synth.sample import sample
     from retfm.synth.train import train

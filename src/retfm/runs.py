@@ -74,6 +74,13 @@ def read_json(path: Path):
         raise RetfmError(f"{path}: not readable JSON, damaged or truncated ({type(exc).__name__})") from None
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keep a run log's records up to ``step``: a resumed run does the steps after its checkpoint again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def load_own_checkpoint(path: Path, config) -> dict:
     """A run's checkpoint, refused unless it was made with the same resolved config (a pydantic model)."""
     saved = load_checkpoint(path)

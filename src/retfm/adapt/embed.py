@@ -8,7 +8,7 @@ run resumes where it stopped; the finished file joins them with the manifest col
 The forward pass runs on an inference engine (``retfm.models.engine``): under ``--engine auto`` the fastest of
 PyTorch, ONNX Runtime and OpenVINO whose features match PyTorch eager fp32 on the manifest's first images.
 
-Output (the Embeddings contract of DESIGN.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
+Output (the Embeddings contract, docs/adapt.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
 float32) and the manifest's split, site, patient, group and label columns; schema metadata ``retfm.model``,
 ``retfm.weights_sha256`` (of the loaded tensors, whatever file they came from), ``retfm.preprocessing``,
 ``retfm.embed_dim``, ``retfm.config``, ``retfm.manifest_sha256``, ``retfm.version``, ``retfm.engine`` (the engine,
@@ -18,7 +18,6 @@ precision and measured fidelity of the run that computed the last vectors).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -32,18 +31,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from retfm import __version__
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embeddings import vector_column
-from retfm.config import EmbedConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
 from retfm.data.manifest import IMAGE_INFO_COLUMNS, MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
 from retfm.models.engine import CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, check, select
+from retfm.models.identity import IDENTITY_KEYS, embedding_identity
+from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
 from retfm.runs import checked_device
 
 PART_ROWS = 4096  # rows per part file: a resumed run loses at most this much work
-IDENTITY_KEYS = ("retfm.model", "retfm.weights_sha256", "retfm.preprocessing")
 
 
 def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], None] | None = None,
@@ -96,8 +96,6 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
 def _encoder(config: EmbedConfig) -> tuple[ModelSpec, torch.nn.Module]:
     """The model's spec and its image encoder: a registry backbone's pooled features, or an image-text model's
     image tower (vectors in the space its texts share)."""
-    from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
-
     if is_clip_run(config.model):
         clip, card = load_clip(config.model)
         folder = Path(config.model) if Path(config.model).is_dir() else Path(config.model).parent
@@ -133,25 +131,6 @@ def _decoded(manifest: Manifest, rows: pd.DataFrame, pre) -> torch.Tensor:
     dataset = ManifestDataset(Manifest(rows.reset_index(drop=True), manifest.root), eval_transform(pre),
                               group_columns=(), decode_size=pre.size)
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-
-
-def embedding_identity(spec, model: torch.nn.Module) -> dict[str, str]:
-    """The metadata (IDENTITY_KEYS) that says which embedding space vectors belong to: model, weights, preprocessing.
-    Vectors with different identities cannot be compared."""
-    pre = preprocessing(spec)
-    return {"retfm.model": spec.name, "retfm.weights_sha256": weights_sha256(model),
-            "retfm.preprocessing": json.dumps({"size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
-                                               "pooling": spec.pooling,
-                                               "resize": f"antialiased {pre.interpolation}, from the stored image"})}
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Hash of the model's tensors in name order: identifies the weights whatever file they were loaded from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------

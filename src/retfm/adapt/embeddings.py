@@ -1,4 +1,4 @@
-"""The embeddings file (DESIGN.md, "Embeddings"): Parquet with ``image_id``, ``embedding`` (fixed-size list of
+"""The embeddings file (docs/adapt.md): Parquet with ``image_id``, ``embedding`` (fixed-size list of
 float32) and manifest columns; ``retfm.*`` schema metadata naming the model, its weights' hash and the
 preprocessing. Written by ``retfm embed``, read by ``retfm probe`` and the other heads."""
 

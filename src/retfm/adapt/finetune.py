@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,8 +42,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from retfm import __version__
+from retfm.adapt.config import FinetuneConfig
 from retfm.adapt.predictions import resolve_task, write_results, youden_threshold
-from retfm.config import FinetuneConfig, save_config
+from retfm.config import save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
@@ -52,6 +52,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint, spec as model_spec
 from retfm.models.backbones import head_prefix
+from retfm.models.lora import add_lora, merged
 from retfm.runs import check_run_folder, checked_device, load_checkpoint, load_own_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -307,8 +308,7 @@ def save_classifier(model: torch.nn.Module, spec: ModelSpec, pre: Preprocessing,
                     classes: list, task: str, threshold: float | None, path: Path, **card) -> Path:
     """The classifier (LoRA merged in) as a retfm checkpoint whose card names its task, label, classes,
     decision threshold and adaptation: what ``create(path, num_classes=...)`` and ``retfm serve`` read."""
-    final = model.merge_and_unload() if config.adaptation == "lora" else model
-    return save_checkpoint(final.cpu(), dataclasses.replace(spec, input_size=pre.size), path, task=task,
+    return save_checkpoint(merged(model).cpu(), dataclasses.replace(spec, input_size=pre.size), path, task=task,
                            label=config.label, classes=[str(c) for c in classes], threshold=threshold,
                            adaptation=config.adaptation, **card)
 
@@ -323,26 +323,6 @@ def _adapt(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
         return model
     return add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
                     [head.rstrip(".")])
-
-
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: list[str],
-             modules_to_save: list[str] | None = None) -> torch.nn.Module:
-    """``model`` wrapped by peft with LoRA adapters on the modules named ``targets``: its own weights frozen except
-    ``modules_to_save``; ``merge_and_unload()`` gives the plain model back with the adapters merged in. The
-    adapters' initial draw comes from torch's global random number generator."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      modules_to_save=modules_to_save)
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:
-        message = " ".join(str(exc).split())  # peft's text may hold a module's many-line repr
-        unsupported = re.match(r"Target module (\w+)\(.*\) is not supported", message)
-        if unsupported:
-            message = (f"targets {', '.join(targets)} name a {unsupported[1]}, which LoRA cannot adapt: name its "
-                       "Linear or Conv layers (e.g. qkv, proj)")
-        raise RetfmError(f"LoRA: {message}") from None
 
 
 @torch.inference_mode()

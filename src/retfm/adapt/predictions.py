@@ -1,4 +1,4 @@
-"""The Predictions contract (DESIGN.md) and what every head does after predicting: choose the task, set a binary
+"""The Predictions contract (docs/evaluate.md) and what every head does after predicting: choose the task, set a binary
 threshold on validation rows, write ``predictions.parquet``, ``metrics.json`` and ``report.html``.
 
 ``predictions.parquet``: ``image_id``, the label, ``prediction``, ``prob_<class>`` per class, ``patient_id`` and

@@ -27,9 +27,10 @@ from sklearn.model_selection import GroupShuffleSplit
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.utils.class_weight import compute_class_weight
 
+from retfm.adapt.config import ProbeConfig
 from retfm.adapt.embeddings import read_embeddings
 from retfm.adapt.predictions import resolve_task, write_results, youden_threshold
-from retfm.config import ProbeConfig, save_config
+from retfm.config import save_config
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 

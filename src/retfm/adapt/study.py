@@ -24,8 +24,9 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
+from retfm.adapt.config import FinetuneConfig, StudyConfig
 from retfm.adapt.finetune import CHECKPOINT_FILENAME, finetune
-from retfm.config import FinetuneConfig, StudyConfig, save_config
+from retfm.config import save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate import PREDICTIONS_FILENAME

@@ -1,21 +1,102 @@
-"""What every command shares: the console, progress bars, config loading from options."""
+"""What every command shares: the console, progress bars, and options generated from a stage's config."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import types
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 
+import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.text import Text
+
+from retfm.config import load_config
 
 console = Console(stderr=True)
 stdout = Console()
 
 ConfigOption = "YAML config file; command-line options override it"
 SetOption = "override a config value: --set key=value (repeatable; values parsed as YAML)"
+
+
+def config_command(model: type[BaseModel], *fields: str):
+    """A command whose options ``fields`` are generated from ``model``'s fields (flag ``--field-name``, type,
+    description as help, every accepted value of a Literal, and the config's default), beside ``--config`` and
+    ``--set``. The command itself takes its other parameters and ``config``: the model loaded from the defaults <
+    the YAML file < the options given < ``--set``."""
+    def wrap(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "config"]
+        generated = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option(model, name),
+                                       annotation=cli_type(model.model_fields[name])) for name in fields]
+        extra = [inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
+                                   default=typer.Option(None, "--config", help=ConfigOption)),
+                 inspect.Parameter("sets", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[list[str]],
+                                   default=typer.Option(None, "--set", help=SetOption))]
+
+        @functools.wraps(command)
+        def run(**given):
+            options = {name: given.pop(name) for name in fields}
+            options = {name: value or None if isinstance(value, list) else value for name, value in options.items()}
+            config = load_config(model, given.pop("config_file"), options, given.pop("sets"))
+            return command(config=config, **given)
+
+        del run.__wrapped__  # typer reads the generated signature, not the command's own
+        run.config_model = model
+        run.__signature__ = inspect.Signature([*own, *generated, *extra])
+        run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+        return run
+    return wrap
+
+
+def option(model: type[BaseModel], name: str):
+    """The typer option of one config field; its value is None unless given, so YAML and defaults hold."""
+    field = model.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    choices = literal_values(field.annotation)
+    described = ": ".join(part for part in ("|".join(map(str, choices)), field.description or "") if part)
+    default = "" if field.is_required() else f"[default: {shown_default(field.get_default(call_default_factory=True))}]"
+    help_text = " ".join(part for part in (described, default) if part)
+    declarations = [f"{flag}/--no-{flag[2:]}"] if cli_type(field) is typing.Optional[bool] else [flag]
+    return typer.Option(None, *declarations, help=help_text)
+
+
+def cli_type(field) -> object:
+    """What the command line parses a field's value as: its scalar type; a Literal's values and other containers
+    as one string the config parses (e.g. 0.7,0.1,0.2); a list of strings marked repeatable as a repeated flag."""
+    annotation = _without_none(field.annotation)
+    if (field.json_schema_extra or {}).get("repeatable"):
+        return typing.Optional[list[str]]
+    return typing.Optional[annotation if annotation in (bool, int, float, Path) else str]
+
+
+def literal_values(annotation) -> tuple:
+    annotation = _without_none(annotation)
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+
+
+def shown_default(value) -> str:
+    """A default as a user writes it in YAML or on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "[]"
+    return str(value)
+
+
+def _without_none(annotation):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else annotation
+    return annotation
 
 
 class _RateColumn(ProgressColumn):

@@ -40,7 +40,8 @@ def ingest(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Validate, de-identify, crop to the field of view, resize and quality-score images into a Manifest."""
-    from retfm.config import IngestConfig, load_config
+    from retfm.config import load_config
+    from retfm.data.config import IngestConfig
     from retfm.data.ingest import REPORT_FILENAME, ingest as run_ingest
 
     columns = {}

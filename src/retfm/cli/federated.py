@@ -25,7 +25,8 @@ def run(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Simulate a whole federation on this machine (Flower's simulation engine, one Ray worker per site)."""
-    from retfm.config import FederatedConfig, load_config
+    from retfm.config import load_config
+    from retfm.federated.config import FederatedConfig
     from retfm.federated.simulation import MODEL_FILENAME, simulate
 
     cfg = load_config(FederatedConfig, config, None, sets)
@@ -75,7 +76,8 @@ def flower_app(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Write the Flower App that `flwr run` starts on a deployment (SuperLink + one SuperNode per site)."""
-    from retfm.config import FederatedConfig, load_config
+    from retfm.config import load_config
+    from retfm.federated.config import FederatedConfig
     from retfm.federated.deploy import write_app
 
     path = write_app(out, load_config(FederatedConfig, config, None, sets), sites, run_folder)

@@ -24,7 +24,7 @@ def list_(
 ) -> None:
     """Table of the conditions: key, name, category, the modalities they are described on, synonyms."""
     from retfm.errors import RetfmError
-    from retfm.zeroshot.knowledge import CATEGORIES, MODALITIES, load_knowledge
+    from retfm.knowledge.base import CATEGORIES, MODALITIES, load_knowledge
 
     if category is not None and category not in CATEGORIES:
         raise RetfmError(f"--category {category!r} is not one of {', '.join(CATEGORIES)}")
@@ -50,7 +50,7 @@ def show(
     knowledge: list[Path] = KnowledgeFiles,
 ) -> None:
     """One condition: names, signs on every modality, the label values that map to it, and its prompts."""
-    from retfm.zeroshot.knowledge import MODALITIES, load_knowledge
+    from retfm.knowledge.base import MODALITIES, load_knowledge
 
     kb = load_knowledge(*(knowledge or []))
     entry = kb.condition(key)

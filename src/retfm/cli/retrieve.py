@@ -27,8 +27,9 @@ def build(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Build a cosine-similarity index over an embeddings file, for `retfm retrieve`."""
-    from retfm.config import IndexConfig, load_config
-    from retfm.zeroshot.retrieval import build_index
+    from retfm.config import load_config
+    from retfm.retrieval.config import IndexConfig
+    from retfm.retrieval.index import build_index
 
     options = {"kind": kind, "split": split, "nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
                "ef_search": ef_search}
@@ -68,7 +69,7 @@ def retrieve(
     from retfm.errors import RetfmError
     import pandas as pd
 
-    from retfm.zeroshot.retrieval import RetrievalIndex, embed_queries, embed_text, evaluate_retrieval, read_queries
+    from retfm.retrieval.index import RetrievalIndex, embed_queries, embed_text, evaluate_retrieval, read_queries
 
     given = [name for name, value in (("--embeddings", embeddings), ("--image", image), ("--data", data),
                                       ("--text", text)) if value]

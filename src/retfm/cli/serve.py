@@ -41,9 +41,11 @@ def serve(
     """Serve a fine-tuned classifier: HTTP API (/v1/predict, /v1/batch, /v1/model) and a web page at /."""
     import uvicorn
 
-    from retfm.config import ServeConfig, load_config
+    from retfm.config import load_config
+
+    from retfm.serve.config import ServeConfig
     from retfm.errors import RetfmError
-    from retfm.serve import create_app
+    from retfm.serve.app import create_app
 
     api_key, printed = _api_key(api_key_file)
     options = {"model": model, "index": index, "api_key": api_key, "device": device, "engine": engine,

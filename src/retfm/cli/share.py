@@ -20,7 +20,7 @@ def keygen(
                                                  "site (sends bundles: Ed25519 signing keys)"),
 ) -> None:
     """Create a key pair. Give only the .pub file away and confirm its fingerprint with the other side."""
-    from retfm.federated.share import generate_keys
+    from retfm.share.bundle import generate_keys
 
     private_path, public_path, fingerprint = generate_keys(out, role)
     stdout.print(f"wrote {role} keys: {private_path} (private: keep it here) and {public_path} (public); "
@@ -38,7 +38,7 @@ def pack(
     out: Path = typer.Option(..., "--out", help="bundle file to write"),
 ) -> None:
     """Encrypt a de-identified ingest for one coordinator and sign it: manifest, deid report and images only."""
-    from retfm.federated.share import pack as run_pack
+    from retfm.share.bundle import pack as run_pack
 
     summary = run_pack(data, to, sign, out)
     stdout.print(f"packed {summary['images']} image(s) ({summary['files']} files, {summary['bytes']} bytes) into "
@@ -57,7 +57,7 @@ def unpack(
                                                 "check passes"),
 ) -> None:
     """Verify a bundle (recipient, sender, signature, every chunk, checksums) and write the ingest it holds."""
-    from retfm.federated.share import unpack as run_unpack
+    from retfm.share.bundle import unpack as run_unpack
 
     summary = run_unpack(bundle, key, trust, out)
     stdout.print(f"unpacked {summary['images']} image(s) ({summary['files']} files) from site key "

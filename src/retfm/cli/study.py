@@ -21,7 +21,8 @@ def study(
     """Run every cell of a fine-tuning grid (cells already done are read back, interrupted ones resume), compare
     models on the same test images, and write one results table and report. Exits 1 when a cell failed."""
     from retfm.adapt.study import run_study
-    from retfm.config import StudyConfig, load_config
+    from retfm.adapt.config import StudyConfig
+    from retfm.config import load_config
 
     cfg = load_config(StudyConfig, config, None, sets)
     out = out or Path("runs") / config.stem

@@ -47,7 +47,8 @@ def train(
 ) -> None:
     """Train a class-conditional diffusion model (classifier-free guidance) on real fundus images, or a LoRA
     adapter of a local pretrained text-to-image model (--base-model)."""
-    from retfm.config import SynthTrainConfig, load_config
+    from retfm.config import load_config
+    from retfm.synth.config import SynthTrainConfig
     from retfm.synth.train import train as run_train
 
     options = {"data": data, "label": label, "cond": cond or None, "base_model": base_model, "size": size,
@@ -81,7 +82,8 @@ def sample(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Generate a synthetic cohort and a manifest that `retfm pretrain --data` accepts."""
-    from retfm.config import SynthSampleConfig, load_config
+    from retfm.config import load_config
+    from retfm.synth.config import SynthSampleConfig
     from retfm.synth.sample import sample as run_sample
 
     options = {"n": n, "labels": labels, "sampler": sampler, "inference_steps": inference_steps,
@@ -108,7 +110,8 @@ def audit(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Fidelity (Frechet distance, precision/recall), label fidelity and memorisation of synthetic images."""
-    from retfm.config import SynthAuditConfig, load_config
+    from retfm.config import load_config
+    from retfm.synth.config import SynthAuditConfig
     from retfm.synth.audit import audit as run_audit
 
     cfg = load_config(SynthAuditConfig, config, {"model": model, "weights": weights, "device": device}, sets)
@@ -157,7 +160,8 @@ def assemble(
     sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Sample every site's generator in its own label mix into one synthetic pretraining set with provenance."""
-    from retfm.config import SynthAssembleConfig, load_config
+    from retfm.config import load_config
+    from retfm.synth.config import SynthAssembleConfig
     from retfm.synth.assemble import assemble as run_assemble
 
     options = {"n": n, "allocation": allocation, "sampler": sampler, "inference_steps": inference_steps,

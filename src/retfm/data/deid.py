@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from retfm.data.io import ImageRejected, decode_image, write_image
+from retfm.data.manifest import IMAGE_INFO_COLUMNS, REQUIRED_COLUMNS, Manifest
 from retfm.errors import RetfmError
 
 MIN_KEY_BYTES = 16
@@ -143,9 +145,6 @@ def deidentify_columns(table: pd.DataFrame, protected: set[str], today: date | N
 def deidentify_ingest(src: str | Path, out: str | Path, key: bytes) -> dict:
     """De-identify an earlier ingest made without a key: the same pseudonyms as ``ingest --deid-key-file`` gives,
     identifying columns dropped or coarsened, every image re-encoded from pixels (PNG) under its new id."""
-    from retfm.data.io import ImageRejected, decode_image, write_image
-    from retfm.data.manifest import IMAGE_INFO_COLUMNS, REQUIRED_COLUMNS, Manifest
-
     manifest = Manifest.read(src)
     src, out = Path(src), Path(out)
     if out.resolve() == manifest.root.resolve():

@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from retfm.config import IngestConfig, save_config
+from retfm.config import save_config
+
 from retfm.data import fundus
+from retfm.data.config import IngestConfig
 from retfm.data.deid import (DEID_REPORT_FILENAME, Pseudonymizer, age_in_years, column_kind, deid_report,
                              deidentify_columns, load_key)
 from retfm.data.io import (NO_FUNDUS, TOO_MANY_PIXELS, UNREADABLE_DICOM, UNREADABLE_FILE, Decoded, ImageRejected,

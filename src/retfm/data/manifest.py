@@ -1,6 +1,6 @@
 """The Manifest: one Parquet table per image collection, one row per image.
 
-Every retfm stage reads and writes this contract (DESIGN.md, "Contracts"):
+Every retfm stage reads and writes this contract (docs/data.md, "The Manifest"):
 
 - required: ``image_id`` (stable, pseudonymous, unique), ``path`` (relative to the manifest's folder),
   ``site``, ``split`` (train / val / test);

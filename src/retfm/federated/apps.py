@@ -31,17 +31,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
-from retfm.config import FederatedConfig
 from retfm.errors import RetfmError
+from retfm.federated.config import STRATEGY_CLASSES, FederatedConfig
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
 from retfm.federated.task import (Site, contributed, local_evaluate, local_finetune, local_pretrain, local_synth,
                                   local_synth_test, local_test, start_weights)
 from retfm.runs import load_checkpoint, save_whole
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
-STRATEGIES = {"fedavg": flower.FedAvg, "fedprox": flower.FedProx, "fedadam": flower.FedAdam,
-              "fedmedian": flower.FedMedian, "fedtrimmedavg": flower.FedTrimmedAvg, "krum": flower.Krum,
-              "multikrum": flower.MultiKrum, "bulyan": flower.Bulyan}
+STRATEGIES = {name: getattr(flower, cls) for name, cls in STRATEGY_CLASSES.items()}
 
 # a site's work per task
 LOCAL_TRAIN = {"pretrain": local_pretrain, "finetune": local_finetune, "synth": local_synth}

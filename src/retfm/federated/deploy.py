@@ -24,9 +24,9 @@ import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from retfm.config import FederatedConfig
 from retfm.errors import RetfmError
 from retfm.federated.apps import coordinate, site_app
+from retfm.federated.config import FederatedConfig
 from retfm.federated.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
 from retfm.federated.simulation import finish, open_run
 from retfm.federated.task import Site

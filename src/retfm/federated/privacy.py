@@ -22,8 +22,8 @@ from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, Sa
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from retfm.config import FederatedPrivacy
 from retfm.errors import RetfmError
+from retfm.federated.config import FederatedPrivacy
 
 CLIP_NORM_KEY = KEY_CLIPPING_NORM  # the ConfigRecord key by which Flower's wrapper tells sites the clip norm
 

@@ -19,17 +19,19 @@ from pathlib import Path
 import torch
 
 from retfm import __version__
-from retfm.config import FederatedConfig, save_config
+from retfm.adapt.finetune import save_classifier
+from retfm.adapt.predictions import resolve_task
+from retfm.config import save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
-from retfm.adapt.finetune import save_classifier
-from retfm.adapt.predictions import resolve_task
+from retfm.federated.config import FederatedConfig
 from retfm.federated.task import MIN_CELL, Site, load_shared, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
-from retfm.pretrain.trainer import merged
+from retfm.models.lora import merged
 from retfm.runs import load_checkpoint
 from retfm.synth import train as synth
+from retfm.synth.generator import Conditions
 
 MODEL_FILENAME = "model.safetensors"
 
@@ -135,7 +137,7 @@ def save_federated_generator(config: FederatedConfig, saved: dict, sites: list[s
     it as they read a site's): the card's class shares are the federation's training shares from the counts the
     sites sent, its data the sites' names and image count (no manifest hash: the coordinator holds none), its
     images seen those the aggregated replies trained on; no EMA (the last round's average is the generator)."""
-    local, conditions = config.synth_config(), synth.Conditions(config.synth_conditions())
+    local, conditions = config.synth_config(), Conditions(config.synth_conditions())
     unet, scheduler = synth.build_denoiser(local, conditions)
     load_shared(unet, saved["weights"], Site("coordinator", ""))
     profiles = latest_profiles(saved["history"])
@@ -151,7 +153,7 @@ def save_federated_generator(config: FederatedConfig, saved: dict, sites: list[s
         federated=federated)
 
 
-def federation_shares(profiles: dict[str, dict], conditions: synth.Conditions) -> dict[str, dict[str, float]]:
+def federation_shares(profiles: dict[str, dict], conditions: Conditions) -> dict[str, dict[str, float]]:
     """Each condition column's value shares over the sites' training images, from their profile counts; a site's
     count pooled by the small-cell rule is spread evenly over the values it did not report (an estimate); uniform
     for a column no site counted."""

@@ -33,20 +33,24 @@ import torch
 from torch.utils.data import DataLoader
 
 from retfm.adapt import finetune as recipe
+from retfm.adapt.config import FinetuneConfig
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.config import FederatedConfig, FinetuneConfig, LoraOptions, PretrainConfig, SynthTrainConfig
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
 from retfm.data.stats import age_band
 from retfm.errors import RetfmError
 from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
+from retfm.federated.config import FederatedConfig
 from retfm.models import ModelSpec, memory_format, preprocessing
+from retfm.pretrain.config import LoraOptions, PretrainConfig
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
                                     with_lora)
 from retfm.synth import train as synth
+from retfm.synth.config import SynthTrainConfig
+from retfm.synth.generator import Conditions
 
 EVALUATION_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro")
 PROFILE_COLUMNS = ("sex", "country", "age_band")  # the groups whose mix each site reports
@@ -113,7 +117,7 @@ def start_weights(config: FederatedConfig) -> Weights:
     if config.task == "finetune":
         return shared_state(seeded_classifier(config.finetune_config(), config.classes())[2])
     if config.task == "synth":
-        return shared_state(synth.build_denoiser(config.synth_config(), synth.Conditions(config.synth_conditions()))[0])
+        return shared_state(synth.build_denoiser(config.synth_config(), Conditions(config.synth_conditions()))[0])
     return initial_weights(config.pretrain_config(), config.lora_options())[1]
 
 
@@ -270,7 +274,7 @@ def synth_site_config(config: SynthTrainConfig, site: Site) -> SynthTrainConfig:
 
 def _site_images(config: SynthTrainConfig, conditions: dict[str, list], site: Site) -> synth.ConditionedImages:
     try:
-        return synth.ConditionedImages(config, synth.Conditions(conditions))
+        return synth.ConditionedImages(config, Conditions(conditions))
     except RetfmError as exc:
         raise RetfmError(f"site {site.name}: {exc}") from None
 

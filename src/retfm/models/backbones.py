@@ -28,6 +28,7 @@ from torch import nn
 
 from retfm.errors import RetfmError
 from retfm.models.registry import ModelSpec, card_for, card_path, spec
+from retfm.runs import load_checkpoint
 
 POOLING_KWARGS = {
     "avg": {"global_pool": "avg", "fc_norm": True},
@@ -194,8 +195,6 @@ def _read_state_dict(path: Path, checkpoint_format: str) -> dict[str, torch.Tens
             return safetensors.torch.load_file(path)
         except SafetensorError as exc:
             raise RetfmError(f"{path}: not a readable safetensors file ({exc})") from None
-    from retfm.runs import load_checkpoint
-
     # Published MAE and iBOT checkpoints pickle their argparse options beside the weights; a Namespace only
     # holds attributes, so allowing it keeps weights_only's guarantee that no code runs.
     payload = load_checkpoint(path, allowed_globals=[argparse.Namespace])

@@ -10,7 +10,7 @@ The loss is CLIP's symmetric contrastive loss with a learnable temperature, or S
 features are gathered across processes (with gradients, by open_clip), so the contrast is over the global batch.
 
 Texts come from the manifest's ``text`` column, or are composed from the image's labels with the disease knowledge
-base (``retfm.zeroshot.knowledge``: a template and a synonym drawn per image and epoch, so the wording varies).
+base (``retfm.knowledge.base``: a template and a synonym drawn per image and epoch, so the wording varies).
 
 ``export(folder)`` writes ``clip.safetensors`` (both towers, projections, temperature) and ``clip.json`` beside
 the run's ``model.safetensors`` (the image backbone alone, usable wherever a model name is).
@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from retfm.errors import RetfmError
+from retfm.knowledge.base import load_knowledge
+from retfm.models import create
 from retfm.pretrain.sampling import BatchShard
 from retfm.runs import read_json
 
@@ -134,8 +136,6 @@ class CLIP(nn.Module):
 
 def load_clip(path: str | Path) -> tuple[CLIP, dict]:
     """A trained image-text model from its run folder (or its ``clip.json``), in eval mode, and its card."""
-    from retfm.models import create
-
     folder = Path(path)
     folder = folder.parent if folder.is_file() else folder
     card_path = folder / CLIP_CARD
@@ -158,8 +158,6 @@ class Captions:
     labels (columns the knowledge base has label maps for), varied per (seed, epoch, image); then tokenised."""
 
     def __init__(self, table: pd.DataFrame, tokenizer, seed: int, where: str):
-        from retfm.zeroshot.knowledge import load_knowledge
-
         self.knowledge = load_knowledge()
         self.labels = [c for c in table.columns if c in self.knowledge.label_maps]
         self.texts = table["text"] if "text" in table else pd.Series([None] * len(table), index=table.index)

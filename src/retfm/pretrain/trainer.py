@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
-from retfm.config import PUBLISHED, LoraOptions, PretrainConfig, save_config
+from retfm.config import save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, run_batches, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
@@ -43,8 +43,13 @@ from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint
 from retfm.models import spec as model_spec
+from retfm.models.lora import add_lora, merged
+from retfm.pretrain.clip import CLIP, Captions
+from retfm.pretrain.config import PUBLISHED, LoraOptions, PretrainConfig
+from retfm.pretrain.mae import MAE
 from retfm.pretrain.sampling import BatchShard
-from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
+from retfm.pretrain.token_reconstruction import TokenReconstruction
+from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole, truncate_log
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
 MODEL_FILENAME = "model.safetensors"
@@ -89,7 +94,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
         if shard.rank == 0:
-            _truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
+            truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
         if device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"])
     elif shard.rank == 0:
@@ -279,8 +284,6 @@ class MixedData:
             dataset = ManifestDataset(manifest, train_transform(pre), seed=config.seed, group_columns=(),
                                       decode_size=pre.size)
             if tokenizer is not None:
-                from retfm.pretrain.clip import Captions
-
                 dataset = CaptionedDataset(dataset, Captions(dataset.table, tokenizer, config.seed, path))
             self.datasets.append(dataset)
             self.sources.append({"manifest_sha256": file_sha256(_manifest_file(path)), "images": len(manifest.table),
@@ -390,15 +393,8 @@ def with_lora(objective: torch.nn.Module, lora: LoraOptions | None) -> torch.nn.
     """``objective`` with its backbone wrapped by peft: LoRA adapters (drawn from torch's global RNG) train, the
     backbone's own weights are frozen; the objective's other parts (decoder, projector, text tower) still train."""
     if lora is not None:
-        from retfm.adapt.finetune import add_lora
-
         objective.backbone = add_lora(objective.backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
     return objective
-
-
-def merged(backbone: torch.nn.Module) -> torch.nn.Module:
-    """A backbone as a plain timm model: LoRA adapters, if any, merged into its weights."""
-    return backbone.merge_and_unload() if hasattr(backbone, "merge_and_unload") else backbone
 
 
 def mixed_precision(config: PretrainConfig, device: torch.device) -> tuple[torch.amp.GradScaler, torch.autocast]:
@@ -411,10 +407,6 @@ def mixed_precision(config: PretrainConfig, device: torch.device) -> tuple[torch
 
 def build_objective(config: PretrainConfig, backbone: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
     """The objective around ``backbone`` (built from ``spec``, at ``spec.input_size``)."""
-    from retfm.pretrain.clip import CLIP
-    from retfm.pretrain.mae import MAE
-    from retfm.pretrain.token_reconstruction import TokenReconstruction
-
     if config.teacher and config.objective != "token-reconstruction":
         raise RetfmError(f"teacher {config.teacher!r}: only token-reconstruction has a teacher")
     try:
@@ -497,12 +489,6 @@ def _tensorboard_writer(out: Path):
     except ImportError:
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _save_checkpoint(path: Path, config, objective, optimiser, schedule, scaler, ema, state, device) -> None:

@@ -1,5 +1,2 @@
-"""The screening service (``retfm serve``): an HTTP API and a web page over a fine-tuned classifier."""
-
-from retfm.serve.app import create_app
-
-__all__ = ["create_app"]
+"""The screening service (``retfm serve``): an HTTP API and a web page over a fine-tuned classifier
+(:func:`retfm.serve.app.create_app`)."""

@@ -29,9 +29,9 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 
 from retfm import __version__
-from retfm.config import ServeConfig
 from retfm.data.io import EMPTY_FILE, NOT_AN_IMAGE, TOO_MANY_PIXELS, UNREADABLE_DICOM, ImageRejected
 from retfm.serve.batching import MicroBatcher
+from retfm.serve.config import ServeConfig
 from retfm.serve.screening import Screener
 from retfm.serve.uploads import UploadError, expand_zips, file_parts, read_body
 

@@ -34,8 +34,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retfm.adapt.embed import embedding_identity
-from retfm.config import ServeConfig
 from retfm.data import fundus
 from retfm.data.datasets import eval_transform
 from retfm.data.io import decode_image
@@ -43,7 +41,10 @@ from retfm.data.phantoms import render_fundus, site_profiles
 from retfm.errors import RetfmError
 from retfm.models import create, preprocessing, spec as model_spec
 from retfm.models.engine import CALIBRATION_IMAGES, PreLogits, select
+from retfm.models.identity import embedding_identity
 from retfm.models.registry import card_path
+from retfm.retrieval.index import RetrievalIndex, check_same_model
+from retfm.serve.config import ServeConfig
 
 HEATMAP_SIDE = 448  # the overlay's side in pixels: enough to see where, small enough for JSON
 QUALITY_SCORES = ("quality_exposure", "quality_sharpness", "fov_fraction")
@@ -248,8 +249,6 @@ def _read_card(model: Path) -> dict:
 
 def _load_index(folder: Path, device: torch.device):
     """The index and its own embedding model, refused unless the model's identity is the index's."""
-    from retfm.zeroshot.retrieval import RetrievalIndex, check_same_model
-
     index = RetrievalIndex.load(folder)
     name = index.meta.get("embed_model") or index.meta.get("model")
     weights = index.meta.get("embed_weights")

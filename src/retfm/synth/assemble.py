@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from retfm import __version__
-from retfm.config import SynthAssembleConfig, SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.runs import read_json
+from retfm.synth.config import SynthAssembleConfig, SynthSampleConfig
+from retfm.synth.generator import (CARD_FILENAME, LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, WEIGHTS_FILES,
+                                   card_type, verified_card)
 from retfm.synth.sample import MACHINE_OPTIONS, exact_counts, sample
-from retfm.synth.train import (CARD_FILENAME, LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, WEIGHTS_FILES, card_type,
-                               verified_card)
 
 PROVENANCE_FILENAME = "provenance.json"
 # What a site sends, by kind of generator: its weights and card, nothing else from its training folder (a LoRA

@@ -46,14 +46,14 @@ from torchvision.transforms import v2
 
 from retfm import __version__
 from retfm.adapt.probe import LogisticHead
-from retfm.config import SynthAuditConfig
 from retfm.data.datasets import ManifestDataset, eval_transform
 from retfm.data.io import open_image
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate.report import REPORT_CSS, figure_png, new_figure
 from retfm.models import create, preprocessing, spec as model_spec
-from retfm.synth.train import verified_card
+from retfm.synth.config import SynthAuditConfig
+from retfm.synth.generator import verified_card
 
 AUDIT_FILENAME, REPORT_FILENAME = "audit.json", "report.html"
 PIXELS = "pixels"

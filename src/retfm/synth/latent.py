@@ -6,7 +6,7 @@ photographs. The model is a diffusers folder (``unet/``, ``vae/``, ``text_encode
 diffusers' ``add_adapter``) of the UNet's attention projections learn; the VAE and the text encoder stay frozen.
 
 Each class (one combination of the condition values) is a prompt: the label's caption from retfm's disease
-knowledge base (``retfm.zeroshot.knowledge``) when every value of the label names a condition there (through a
+knowledge base (``retfm.knowledge.base``) when every value of the label names a condition there (through a
 label map, e.g. ``dr_grade``, or by a condition's name), else ``"a fundus photograph, {label} {value}"``; further
 condition columns go before it (``"site site1: a color fundus photograph showing ..."``). The null class is the
 empty prompt, so classifier-free guidance works as with the pixel UNet. Images are denoised as the VAE's latents
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retfm.config import SynthTrainConfig
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
-from retfm.synth.train import LATENT_LORA, WEIGHTS_FILES, Conditions, forward_flops, write_card
-from retfm.zeroshot.knowledge import load_knowledge
+from retfm.knowledge.base import load_knowledge
+from retfm.synth.config import SynthTrainConfig
+from retfm.synth.generator import LATENT_LORA, WEIGHTS_FILES, Conditions, forward_flops, write_card
 
 ADAPTER_DIR, ADAPTER_FILENAME = WEIGHTS_FILES[LATENT_LORA].split("/")
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"  # the file whose hash names the base model

@@ -23,11 +23,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from retfm.config import SynthSampleConfig
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.runs import checked_device, read_json
-from retfm.synth.train import Conditions, load_generator
+from retfm.synth.config import SynthSampleConfig
+from retfm.synth.generator import Conditions
+from retfm.synth.train import load_generator
 
 SAMPLE_FILENAME = "sample.json"
 SYNTHETIC_SITE = "synthetic"  # the site of images from a generator not conditioned on site

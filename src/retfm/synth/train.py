@@ -31,60 +31,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
-from retfm import __version__
-from retfm.config import SynthTrainConfig, save_config
+from retfm.config import save_config
+
 from retfm.data.datasets import ManifestDataset, run_batches
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
-from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole
 from retfm.hashing import file_sha256
-from retfm.pretrain.trainer import _truncate_log
+from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole, truncate_log
+from retfm.synth.config import SynthTrainConfig
+from retfm.synth.generator import (LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, Conditions, card_type, forward_flops,
+                                   plain_value, verified_card, write_card)
+from retfm.synth.latent import LatentLoRA
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
-CARD_FILENAME = "generator.json"
 LOG_FILENAME = "log.jsonl"
-UNET_DIR, SCHEDULER_DIR = "unet", "scheduler"
-WEIGHTS_FILENAME = "diffusion_pytorch_model.safetensors"  # diffusers' name for safetensors weights
-PIXEL, LATENT_LORA = "pixel", "latent-lora"  # the kinds of generator (a card's "type"; older cards: pixel)
-# each kind's hashed weights file (the card's weights_sha256), by kind: never a path read from a card
-WEIGHTS_FILES = {PIXEL: f"{UNET_DIR}/{WEIGHTS_FILENAME}", LATENT_LORA: "lora/pytorch_lora_weights.safetensors"}
-LOCAL_OPTIONS = {"data", "base_model"}  # options naming local paths, never written to a card
-
-
-# ---- conditions ---------------------------------------------------------------------------------------------------
-
-class Conditions:
-    """Condition columns and their values; a combination of values is one class index, the last index is null."""
-
-    def __init__(self, values: dict[str, list]):
-        self.values = values
-        self.columns = list(values)
-        self.shape = tuple(len(v) for v in values.values())
-        self.null = int(np.prod(self.shape))
-
-    @classmethod
-    def from_table(cls, table, columns: list[str]) -> Conditions:
-        return cls({c: sorted(_plain(v) for v in table[c].dropna().unique()) for c in columns})
-
-    def index(self, rows: dict[str, list]) -> np.ndarray:
-        """Class index of each row, from per-column values."""
-        positions = []
-        for column in self.columns:
-            lookup = {v: i for i, v in enumerate(self.values[column])}
-            try:
-                positions.append([lookup[_plain(v)] for v in rows[column]])
-            except KeyError as exc:
-                raise RetfmError(f"condition {column}={exc.args[0]!r}: not one of the generator's values "
-                                 f"({', '.join(map(str, self.values[column]))})") from None
-        return np.ravel_multi_index(positions, self.shape).astype(np.int64)
-
-
-def _plain(value):
-    """numpy and pandas scalars as Python ones, so values compare, sort and go to JSON alike."""
-    return value.item() if hasattr(value, "item") else value
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
@@ -101,7 +63,6 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
 
     data = ConditionedImages(config)
     if config.base_model:
-        from retfm.synth.latent import LatentLoRA
         denoiser = LatentLoRA.for_training(config, data.conditions)
     else:
         denoiser = PixelDenoiser(*build_denoiser(config, data.conditions), config.size)
@@ -123,7 +84,7 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
             ema.load_state_dict(saved["ema"])
         noise_rng.set_state(saved["noise_rng"])
         state = saved["state"]
-        _truncate_log(out / LOG_FILENAME, state["step"])
+        truncate_log(out / LOG_FILENAME, state["step"])
     else:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "synth_config.yaml")
@@ -271,23 +232,6 @@ def save_generator(unet, scheduler, out: Path, config: SynthTrainConfig, conditi
                       f"conditioned on {', '.join(conditions.columns)}", **fields)
 
 
-def write_card(out: Path, kind: str, name: str, config: SynthTrainConfig, conditions: Conditions, description: str,
-               licence: str = "as the training data", **fields) -> dict:
-    """Write ``out/generator.json`` for a generator of ``kind`` whose weights are in place: what it is conditioned
-    on, ``fields``, the options without any local path and its weights' hash (which names it); returns the card."""
-    weights_sha256 = file_sha256(Path(out) / WEIGHTS_FILES[kind])
-    card = {
-        "kind": "retfm-synth-generator", "type": kind, "name": name, "generator_id": f"{name}-{weights_sha256[:12]}",
-        "description": description,
-        "label": config.label, "cond": config.cond, "conditions": conditions.values, "null_class": conditions.null,
-        "size": config.size, **fields,
-        "config": config.model_dump(mode="json", exclude=LOCAL_OPTIONS),  # no local path leaves with the card
-        "weights_sha256": weights_sha256, "licence": licence, "retfm_version": __version__,
-    }
-    (Path(out) / CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
-    return card
-
-
 def build_unet(config: SynthTrainConfig, num_classes: int):
     """A UNet2DModel whose lowest resolution level has attention; the class embedding holds the null class too."""
     from diffusers import UNet2DModel
@@ -341,7 +285,7 @@ class ConditionedImages:
 
     def class_shares(self) -> dict[str, dict[str, float]]:
         """Each condition column's value shares in the training data: the default sampling shares."""
-        return {c: {str(v): round(float(s), 6) for v, s in self.table[c].map(_plain).value_counts(normalize=True)
+        return {c: {str(v): round(float(s), 6) for v, s in self.table[c].map(plain_value).value_counts(normalize=True)
                     .sort_index().items()} for c in self.conditions.columns}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -373,15 +317,6 @@ def training_flops_per_image(unet, size: int, device: torch.device) -> int:
     zeros = torch.zeros(1, dtype=torch.long, device=device)
     return 3 * forward_flops(lambda: unet(torch.zeros(1, 3, size, size, device=device), zeros, class_labels=zeros),
                              device)
-
-
-def forward_flops(run: Callable[[], object], device: torch.device) -> int:
-    """FLOPs of ``run()`` counted by torch, without gradients; the RNG is left untouched."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            run()
-    return counter.get_total_flops()
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -417,7 +352,6 @@ def load_generator(path: Path, base_model: str | None = None):
     path = Path(path)
     card = verified_card(path)
     if card_type(card) == LATENT_LORA:
-        from retfm.synth.latent import LatentLoRA
         denoiser = LatentLoRA.for_sampling(path, card, base_model)
     else:
         unet = UNet2DModel.from_pretrained(path / UNET_DIR, use_safetensors=True, local_files_only=True)
@@ -425,35 +359,6 @@ def load_generator(path: Path, base_model: str | None = None):
         denoiser = PixelDenoiser(unet, scheduler, card["size"])
     denoiser.unet.eval()
     return denoiser, card
-
-
-def card_type(card: dict) -> str:
-    """A card's kind of generator (cards written before LoRA generators existed are pixel ones)."""
-    return card.get("type", PIXEL)
-
-
-def verified_card(path: Path) -> dict:
-    """The card of a generator folder whose weights are the ones the card's ``weights_sha256`` names."""
-    path = Path(path)
-    card_file = path / CARD_FILENAME
-    if not card_file.is_file():
-        raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {CARD_FILENAME})")
-    try:
-        card = json.loads(card_file.read_text())
-    except ValueError:
-        raise RetfmError(f"{card_file}: not a JSON generator card") from None
-    if not isinstance(card, dict) or card.get("kind") != "retfm-synth-generator":
-        raise RetfmError(f"{card_file}: not a `retfm synth train` generator card")
-    if card_type(card) not in WEIGHTS_FILES:
-        raise RetfmError(f"{card_file}: generator type {card_type(card)!r} is not one of "
-                         f"{', '.join(WEIGHTS_FILES)} (a newer retfm's?)")
-    weights = path / WEIGHTS_FILES[card_type(card)]
-    if not weights.is_file():
-        raise RetfmError(f"{path}: not a finished `retfm synth train` output (no {WEIGHTS_FILES[card_type(card)]})")
-    if file_sha256(weights) != card.get("weights_sha256"):
-        raise RetfmError(f"{path}: its weights differ from its card's weights_sha256 (changed after training, "
-                         f"or a partial upload)")
-    return card
 
 
 def log_losses(out: Path) -> list[float]:

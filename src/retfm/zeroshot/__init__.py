@@ -1,1 +1,1 @@
-"""Zero-shot use of foundation models: case retrieval, and (later) disease recognition from text prompts."""
+"""Zero-shot disease recognition: an image-text model and prompts from the knowledge base."""

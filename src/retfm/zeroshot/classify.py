@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
 from retfm.adapt.predictions import resolve_task, write_results
-from retfm.config import EmbedConfig
 from retfm.errors import RetfmError
+from retfm.knowledge.base import load_knowledge
 from retfm.pretrain.clip import CLIP, load_clip
-from retfm.zeroshot.knowledge import load_knowledge
 
 EMBEDDINGS_FILENAME = "image_embeddings.parquet"
 

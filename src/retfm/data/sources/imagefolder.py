@@ -6,7 +6,7 @@ from pathlib import Path
 
 from retfm.data.io import UNREADABLE_FILE
 from retfm.data.paths import OUTSIDE_INPUT, inside
-from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
+from retfm.data.sources.items import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.errors import RetfmError
 
 HIDDEN_FILE = "hidden_file"

@@ -20,8 +20,8 @@ from pathlib import Path, PurePath
 import pandas as pd
 
 from retfm.data.paths import OUTSIDE_INPUT, inside
-from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.data.sources.imagefolder import list_files
+from retfm.data.sources.items import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.data.sources.table import MISSING_FILE
 from retfm.errors import RetfmError
 
@@ -379,6 +379,6 @@ def list_odir5k(src: Path, options) -> SourceListing:
     return _listing(items, "odir5k", list(ODIR_FLAGS.values()), country="China")
 
 
-READERS = {"retfound": list_retfound, "aptos2019": list_aptos2019, "idrid": list_idrid, "messidor2": list_messidor2,
-           "papila": list_papila, "glaucoma_fundus": list_glaucoma_fundus, "jsiec": list_jsiec, "brset": list_brset,
-           "odir5k": list_odir5k}
+PUBLIC_READERS = {"retfound": list_retfound, "aptos2019": list_aptos2019, "idrid": list_idrid,
+                  "messidor2": list_messidor2, "papila": list_papila, "glaucoma_fundus": list_glaucoma_fundus,
+                  "jsiec": list_jsiec, "brset": list_brset, "odir5k": list_odir5k}

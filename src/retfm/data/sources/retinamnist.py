@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retfm.data.sources import SourceItem, SourceListing
+from retfm.data.sources.items import SourceItem, SourceListing
 from retfm.errors import RetfmError
 
 

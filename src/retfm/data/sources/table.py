@@ -14,7 +14,7 @@ import pandas as pd
 
 from retfm.data.manifest import CONVENTIONAL_COLUMNS
 from retfm.data.paths import OUTSIDE_INPUT, inside
-from retfm.data.sources import SPLIT_ALIASES, SourceItem, SourceListing
+from retfm.data.sources.items import SPLIT_ALIASES, SourceItem, SourceListing
 from retfm.errors import RetfmError
 
 PATH_COLUMN_NAMES = ("path", "image_path", "image", "file", "filename", "file_name", "img", "image_file")

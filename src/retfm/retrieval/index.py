@@ -41,15 +41,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from retfm import __version__
-from retfm.adapt.embed import IDENTITY_KEYS, embed
+from retfm.adapt.config import EmbedConfig
+from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
-from retfm.config import EmbedConfig, IndexConfig, IngestConfig, load_config
+from retfm.config import load_config
+from retfm.data.config import IngestConfig
 from retfm.data.ingest import REPORT_FILENAME, ingest
 from retfm.data.manifest import CONVENTIONAL_COLUMNS, GROUP_COLUMNS
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
+from retfm.models.identity import IDENTITY_KEYS, weights_sha256
+from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
+from retfm.retrieval.config import IndexConfig
 
 INDEX_FILENAME = "index.faiss"
 ITEMS_FILENAME = "items.parquet"
@@ -365,11 +371,6 @@ def embed_queries(index: RetrievalIndex, *, image: Path | None = None, data: Pat
 def embed_text(index: RetrievalIndex, text: str, model: str | None = None) -> np.ndarray:
     """A text query as a 1 x D vector, with the text tower of the image-text model whose image vectors the index
     holds (``model`` only says where that run folder is now, if it moved)."""
-    import torch
-
-    from retfm.adapt.embed import weights_sha256
-    from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
-
     model = model or index.meta.get("embed_model")
     if not model or not is_clip_run(model):
         raise RetfmError(f"{index.where}: --text needs an index of image-text embeddings (`retfm zeroshot` writes "

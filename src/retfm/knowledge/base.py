@@ -323,7 +323,7 @@ def _location(loc: tuple, data: dict) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _load(extra: tuple[Path, ...]) -> KnowledgeBase:
-    data = _read_yaml(resources.files("retfm.zeroshot").joinpath(BUILTIN).read_text(encoding="utf-8"), BUILTIN)
+    data = _read_yaml(resources.files("retfm.knowledge").joinpath(BUILTIN).read_text(encoding="utf-8"), BUILTIN)
     for path in extra:
         try:
             text = path.read_text(encoding="utf-8")

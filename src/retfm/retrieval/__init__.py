@@ -1,0 +1,1 @@
+"""Similar-case search: a FAISS index over embeddings, queried with embeddings, images or text."""

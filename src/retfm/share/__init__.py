@@ -1,0 +1,1 @@
+"""Encrypted, signed bundles of a de-identified ingest, for sites that upload images rather than train locally."""
