@@ -105,12 +105,17 @@ def prepare(out: Path, source: Path) -> Path:
     return out
 
 
-def recipe() -> dict:
-    """The pretraining recipe's options a site runs (steps and checkpoint cadence are the federation's)."""
+def recipe(site_steps: int) -> dict:
+    """The pretraining recipe's options a site runs (steps and checkpoint cadence are the federation's; the
+    warmup is a single site's of as many steps)."""
     options = yaml.safe_load(RECIPE.read_text())
     # workers 0: a simulated site decodes in its own Ray worker (a decoding process per site would double memory)
-    return {**{k: v for k, v in options.items() if k not in ("steps", "checkpoint_every", "log_every", "warmup_steps")},
-            "workers": 0}
+    return {**{k: v for k, v in options.items() if k not in ("steps", "checkpoint_every", "log_every")},
+            "warmup_steps": warmup(site_steps), "workers": 0}
+
+
+def warmup(steps: int) -> int:
+    return max(1, steps // 15)
 
 
 def federate(out: Path, config: dict) -> float:
@@ -127,7 +132,7 @@ def pretrain(out: Path, cohort: Path, steps: int, site: str | None = None) -> fl
         return 0.0
     sites = ["--set", f"sites=[{site}]"] if site else []
     return retfm("pretrain", "--config", str(RECIPE), "--data", str(cohort), "--steps", str(steps),
-                 "--set", f"warmup_steps={max(1, steps // 15)}", "--set", f"checkpoint_every={steps}",
+                 "--set", f"warmup_steps={warmup(steps)}", "--set", f"checkpoint_every={steps}",
                  *sites, "--out", str(out))
 
 
@@ -227,7 +232,7 @@ def main() -> None:
 
     def federated_pretraining(strategy: str) -> None:
         seconds[strategy] = federate(work / strategy, {
-            "data": str(cohort), "task": "pretrain", "pretrain": recipe(), "rounds": args.rounds,
+            "data": str(cohort), "task": "pretrain", "pretrain": recipe(site_steps), "rounds": args.rounds,
             "local_steps": args.local_steps, "strategy": strategy})
 
     if "pretrain" in parts:  # the done-when comparisons

@@ -23,7 +23,8 @@ from retfm.federated.simulation import representativeness, resolve_sites, simula
 from retfm.federated.task import MIN_CELL, initial_weights, local_evaluate, local_pretrain, site_profile
 from retfm.models import create
 
-PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 4, "workers": 0, "blr": 0.05}
+PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 4, "workers": 0, "blr": 0.05,
+            "warmup_steps": 0}
 METRIC_KEYS = {"num-examples", "loss", "steps", "train-rows", "auroc", "accuracy", "balanced_accuracy", "f1_macro"}
 
 

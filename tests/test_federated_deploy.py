@@ -28,7 +28,8 @@ from retfm.federated.deploy import superlink_command, supernode_command, write_a
 from retfm.federated.task import Site, initial_weights
 from retfm.models import create
 
-PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 4, "workers": 0, "blr": 0.05}
+PRETRAIN = {"objective": "token-reconstruction", "model": "tiny-vit", "batch_size": 4, "workers": 0, "blr": 0.05,
+            "warmup_steps": 0}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

@@ -187,13 +187,23 @@ def test_a_lora_fp16_dp_run_sends_only_adapters_and_head_and_merges_them_at_the_
 
 
 def test_a_coordinator_stopped_after_a_round_resumes_to_the_uninterrupted_result(cohort, tmp_path):
-    """Round checkpoints: two rounds, then --resume to three, ends bit for bit where three rounds in one go end
-    (FedAdam: its moments resume too; replies are aggregated in site order, whatever order they arrive in)."""
+    """Round checkpoints: a coordinator stopped as round 3 of 3 starts, then --resume, ends bit for bit where the
+    three rounds in one go end (FedAdam: its moments resume too; replies are aggregated in site order, whatever order
+    they arrive in; the sites' learning-rate schedule spans the three rounds)."""
     config = _config(cohort, rounds=3, strategy="fedadam")
     sites = resolve_sites(config)
     whole = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path / "whole")
-    first = config.model_copy(update={"rounds": 2})
-    coordinate(InProcessGrid(client_app(sites, first), len(sites)), first, len(sites), tmp_path / "cut")
+
+    class Stopped(Exception):
+        pass
+
+    def stop_at_round_3(direction, message):
+        if direction == "sent" and message.content["config"]["server-round"] == 3:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path / "cut",
+                   recorder=stop_at_round_3)
     resumed = coordinate(InProcessGrid(client_app(sites, config), len(sites)), config, len(sites), tmp_path / "cut",
                          resume=True)
     assert [entry["round"] for entry in resumed["history"]] == [1, 2, 3]

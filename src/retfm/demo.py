@@ -269,7 +269,7 @@ def pretrain_options(config: DemoConfig) -> dict:
     recipe at the demo's size): bf16 autocast where the CPU has bf16 instructions."""
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return {"objective": "token-reconstruction", "model": config.model, "init": PUBLISHED,
-            "image_size": config.image_size, "batch_size": config.batch_size, "blr": config.blr, "warmup_steps": 2,
+            "image_size": config.image_size, "batch_size": config.batch_size, "blr": config.blr, "warmup_steps": 1,
             "precision": "bf16" if bf16 else "fp32", "workers": 0, "log_every": 1, "seed": config.seed,
             "objective_options": {"max_mask_ratio": 0.3333, "noise_std": 0.2, "freeze_norm_stats": True}}
 

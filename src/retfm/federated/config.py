@@ -8,6 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from retfm.adapt.config import FinetuneConfig
 from retfm.config import Options
+from retfm.errors import RetfmError
 from retfm.pretrain.config import LoraOptions, PretrainConfig
 from retfm.synth.config import SynthTrainConfig
 
@@ -138,8 +139,17 @@ class FederatedConfig(Options):
         return value
 
     def pretrain_config(self) -> PretrainConfig:
-        """The sites' pretraining options (``data`` is set per site)."""
-        return PretrainConfig.model_validate({**self.pretrain, "data": ["site"]})
+        """The sites' pretraining options (``data`` is set per site; ``steps``, the length of the learning-rate
+        schedule, is each site's whole share: rounds x local steps)."""
+        steps = self.rounds * self.local_steps
+        if self.pretrain.get("steps", steps) != steps:
+            raise RetfmError(f"pretrain.steps: each site runs rounds x local_steps = {steps} steps in a federation; "
+                             "leave steps out")
+        config = PretrainConfig.model_validate({**self.pretrain, "data": ["site"], "steps": steps})
+        if config.warmup_steps >= steps:
+            raise RetfmError(f"pretrain.warmup_steps ({config.warmup_steps}) must be below the {steps} steps each "
+                             "site runs (rounds x local_steps): set pretrain.warmup_steps")
+        return config
 
     def finetune_config(self) -> FinetuneConfig:
         """The sites' fine-tuning options (each site reads its own data)."""

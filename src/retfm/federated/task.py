@@ -47,7 +47,7 @@ from retfm.models import ModelSpec, memory_format, preprocessing
 from retfm.pretrain.config import LoraOptions, PretrainConfig
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
-                                    with_lora)
+                                    warmup_cosine, with_lora)
 from retfm.synth import train as synth
 from retfm.synth.config import SynthTrainConfig
 from retfm.synth.generator import Conditions
@@ -136,7 +136,9 @@ def shared_state(objective: torch.nn.Module) -> Weights:
 def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainConfig, server_round: int = 1,
                    proximal_mu: float = 0.0, lora: LoraOptions | None = None) -> tuple[Weights, dict[str, float]]:
     """``steps`` optimiser steps of ``config.objective`` on the site's train split, from ``weights``. A fresh
-    AdamW at a constant learning rate (``blr * images per step / 256``) each round; ``proximal_mu`` > 0 adds
+    AdamW each round, its learning rate (``blr * images per step / 256``) following the recipe's warmup and
+    cosine over ``config.steps`` (the site's whole share: rounds x local steps) at round ``server_round``'s
+    place in it, as one site's ``retfm pretrain`` of that many steps would; ``proximal_mu`` > 0 adds
     FedProx's proximal term mu/2 ||w - w_global||^2; ``lora``: the backbone wears these adapters. Returns the new
     weights and ``{"num-examples": training images at the site, "loss": mean loss of the round's steps,
     "steps": steps}``."""
@@ -148,14 +150,21 @@ def local_pretrain(weights: Weights, site: Site, steps: int, config: PretrainCon
     # masks and noise differ between sites and rounds, yet repeat when a round is run again
     torch.manual_seed(_seed(config.seed, site.name, server_round))
     data = MixedData(config, preprocessing(spec))
-    optimiser = build_optimiser(objective, config, config.blr * config.batch_size * config.accum_steps / 256, device)
+    lr = config.blr * config.batch_size * config.accum_steps / 256
+    optimiser = build_optimiser(objective, config, lr, device)
+    # the recipe's warmup + cosine over the site's whole share (config.steps), from where the last round ended
+    factor, done = warmup_cosine(config, lr), (server_round - 1) * steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: factor(done + step))
     scaler, autocast = mixed_precision(config, device)
     penalty = _proximal_term(objective, proximal_mu) if proximal_mu > 0 else None
 
     state = {"epoch": server_round, "batch_in_epoch": 0, "images_seen": 0}
     batches = data.batches(server_round, 0, config.batch_size, config.workers)
-    losses = [optimiser_step(objective, objective, batches, optimiser, scaler, autocast, config, BatchShard(),
-                             device, state, penalty)["loss"] for _ in range(steps)]
+    losses = []
+    for _ in range(steps):
+        losses.append(optimiser_step(objective, objective, batches, optimiser, scaler, autocast, config, BatchShard(),
+                                     device, state, penalty)["loss"])
+        schedule.step()
     return shared_state(objective), {"num-examples": data.epoch_size, "loss": float(np.mean(losses)),
                                      "steps": steps}
 

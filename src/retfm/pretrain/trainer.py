@@ -77,7 +77,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
     images_per_step = config.batch_size * config.accum_steps * shard.world
     lr = config.blr * images_per_step / 256
     optimiser = build_optimiser(objective, config, lr, device)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config, lr))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(config, lr))
     scaler, autocast = mixed_precision(config, device)
     ema = (AveragedModel(objective.backbone, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
            if config.ema else None)
@@ -440,7 +440,9 @@ def _no_decay_names(objective: torch.nn.Module) -> set[str]:
             if name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed")}
 
 
-def _warmup_cosine(config: PretrainConfig, lr: float) -> Callable[[int], float]:
+def warmup_cosine(config: PretrainConfig, lr: float) -> Callable[[int], float]:
+    """The learning rate's factor at each step: linear warmup over ``warmup_steps``, then a cosine down to
+    ``min_lr`` at ``steps``."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
