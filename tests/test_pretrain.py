@@ -22,7 +22,7 @@ from retfm.data.phantoms import generate_cohort
 from retfm.data.shards import ShardDataset, write_shards
 from retfm.errors import RetfmError
 from retfm.pretrain.config import PretrainConfig
-from retfm.pretrain.trainer import MixedData, _warmup_cosine, pretrain
+from retfm.pretrain.trainer import MixedData, warmup_cosine, pretrain
 
 TINY_MAE = ["--set", "objective_options={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}"]
 TINY_CLIP = "{embed_dim: 16, text: {width: 32, heads: 2, layers: 1, context_length: 32}}"
@@ -121,7 +121,7 @@ def test_mixed_data_follows_the_weights_and_is_a_function_of_seed_and_epoch(coho
 
 def test_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     config = PretrainConfig(objective="mae", data=["x"], model="tiny-vit", steps=110, warmup_steps=10, min_lr=1e-6)
-    factor = _warmup_cosine(config, 1e-3)
+    factor = warmup_cosine(config, 1e-3)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
     assert factor(60) == pytest.approx((1e-6 + (1e-3 - 1e-6) * 0.5) / 1e-3)
     assert factor(110) * 1e-3 == pytest.approx(1e-6)
