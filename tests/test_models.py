@@ -408,11 +408,15 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
 def test_cli_list_and_show(tmp_path, monkeypatch):
     monkeypatch.setattr(stdout, "width", 200)  # the console was sized when first imported
     runner = CliRunner()
-    result = runner.invoke(app, ["models", "list"])
+    result = runner.invoke(app, ["models", "list"])  # piped: tab-separated, every value whole
     assert result.exit_code == 0, result.output
-    assert "retfound-green" in result.output and "CC BY-NC 4.0" in result.output
-    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
-    assert "│ yes " in rows["efficientnet-lite0"] and "│ no " in rows["retfound-green"] and "│ - " in rows["tiny-vit"]
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    header, rows = lines[0], {line[0]: dict(zip(lines[0], line)) for line in lines[1:]}
+    assert header == ["name", "architecture", "input", "embed dim", "format", "weights here", "licence"]
+    assert set(rows) == set(list_models()) and all(len(line) == len(header) for line in lines)
+    assert rows["retfound-mae-cfp"]["licence"] == "CC BY-NC 4.0" and rows["retfound-green"]["input"] == "392"
+    assert [rows[name]["weights here"] for name in ("efficientnet-lite0", "retfound-green", "tiny-vit")] == \
+        ["yes", "no", "-"]
     result = runner.invoke(app, ["models", "show", "retfound-green"])
     assert result.exit_code == 0, result.output
     for expected in ("vit_small_patch14_reg4_dinov2", "392x392", "(0.5, 0.5, 0.5)", "norm_avg", "CNCRL",

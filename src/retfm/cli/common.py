@@ -15,12 +15,27 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.table import Table
 from rich.text import Text
 
 from retfm.config import load_config
 
 console = Console(stderr=True)
 stdout = Console()
+
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout: drawn for a terminal; piped or redirected, its full values as tab-separated lines
+    (a header line unless the table has none), so scripts read every value whatever the width."""
+    if stdout.is_terminal:
+        stdout.print(table)
+        return
+    rows = zip(*(column.cells for column in table.columns))
+    lines = ([[column.header for column in table.columns]] if table.show_header else []) + [list(r) for r in rows]
+    for line in lines:
+        print("\t".join(str(cell).replace("\t", " ").replace("\n", " ") for cell in line))
+
 
 ConfigOption = "YAML config file; command-line options override it"
 SetOption = "override a config value: --set key=value (repeatable; values parsed as YAML)"

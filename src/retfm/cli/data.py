@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, stdout, write_json
+from retfm.cli.common import ConfigOption, SetOption, console, print_table, progress_bar, stdout, write_json
 from retfm.errors import RetfmError
 
 app = typer.Typer(help="Data: phantom cohorts, ingestion, de-identification, statistics.", no_args_is_help=True)
@@ -170,7 +170,7 @@ def _print_stats(result: dict) -> None:
             for value, counts in values.items():
                 table.add_row(column, value, *(str(counts[k]) for k in ("all", "train", "val", "test")))
         if groups:
-            stdout.print(table)
+            print_table(table)
     if result["quality"]:
         q = result["quality"]
         stdout.print(f"quality: mean {q['mean']}, median {q['p50']}, p5 {q['p5']}, below 0.5: {q['below_0.5']}")
@@ -182,4 +182,4 @@ def _print_stats(result: dict) -> None:
                       *(("-" if row[f"share_{s}"] is None else f"{row[f'share_{s}']:.3f}") for s in ("train", "val", "test")),
                       "-" if row["max_gap_pp"] is None else f"{row['max_gap_pp']:.1f}")
     if result["representativeness"]:
-        stdout.print(table)
+        print_table(table)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from retfm.cli.common import console, stdout
+from retfm.cli.common import console, print_table, stdout
 
 app = typer.Typer(help="Disease knowledge base: fundus conditions, their signs per modality, label maps, prompts.",
                   no_args_is_help=True)
@@ -38,7 +38,7 @@ def list_(
         table.add_column(column, overflow="fold")
     for entry in chosen:
         table.add_row(entry.key, entry.name, entry.category, " ".join(entry.signs), ", ".join(entry.synonyms))
-    stdout.print(table)
+    print_table(table)
     console.print("signs, label maps and prompts of one condition: retfm knowledge show KEY")
 
 
@@ -63,7 +63,7 @@ def show(
     for name in MODALITIES:
         table.add_row(f"signs: {name}", entry.signs.get(name, "(not visible on this modality)"))
     table.add_row("label values", ", ".join(kb.label_values(entry.key)) or "-")
-    stdout.print(table)
+    print_table(table)
 
     modality = modality or ("cfp" if "cfp" in entry.signs else next(iter(entry.signs)))
     ensemble = kb.prompts(entry, modality)

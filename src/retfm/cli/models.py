@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from retfm.cli.common import console, stdout
+from retfm.cli.common import console, print_table
 
 app = typer.Typer(help="Model zoo: named foundation models, their preprocessing, weights and licences.",
                   no_args_is_help=True)
@@ -28,7 +28,7 @@ def list_() -> None:
         here = weights_here(entry)
         table.add_row(name, entry.architecture, str(entry.input_size), str(entry.embed_dim),
                       entry.checkpoint_format, {True: "yes", False: "no", None: "-"}[here], entry.licence)
-    stdout.print(table)
+    print_table(table)
     console.print("details, weight sources and caveats: retfm models show NAME")
 
 
@@ -61,4 +61,4 @@ def show(model: str = typer.Argument(..., metavar="NAME|PATH", help="a name from
     }
     for field, value in rows.items():
         table.add_row(field, value)
-    stdout.print(table)
+    print_table(table)

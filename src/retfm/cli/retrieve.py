@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from retfm.cli.common import ConfigOption, SetOption, console, progress_bar, stdout, write_json
+from retfm.cli.common import ConfigOption, SetOption, console, print_table, progress_bar, stdout, write_json
 
 index_app = typer.Typer(help="Similar-case search indexes over embeddings (FAISS).", no_args_is_help=True)
 
@@ -137,7 +137,7 @@ def _print_neighbours(hits, label_columns: list[str]) -> None:
     for _, row in hits.iterrows():
         table.add_row(*[f"{row[c]:.4f}" if c == "similarity" else ("" if pd.isna(row[c]) else str(row[c]))
                         for c in columns])
-    stdout.print(table)
+    print_table(table)
 
 
 def _print_metrics(result: dict) -> None:
@@ -152,5 +152,5 @@ def _print_metrics(result: dict) -> None:
     rows = [("all", result["overall"]), *result["per_label"].items()]
     for name, values in rows:
         table.add_row(name, str(values["n"]), *["-" if values[m] is None else f"{values[m]:.3f}" for m in names])
-    stdout.print(table)
+    print_table(table)
 
