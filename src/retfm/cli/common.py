@@ -27,10 +27,13 @@ stdout = Console()
 
 def print_table(table: Table) -> None:
     """A table on stdout: drawn for a terminal; piped or redirected, its full values as tab-separated lines
-    (a header line unless the table has none), so scripts read every value whatever the width."""
+    (a header line unless the table has none), so scripts read every value whatever the width, and its title on
+    stderr."""
     if stdout.is_terminal:
         stdout.print(table)
         return
+    if table.title:
+        console.print(table.title, highlight=False)
     rows = zip(*(column.cells for column in table.columns))
     lines = ([[column.header for column in table.columns]] if table.show_header else []) + [list(r) for r in rows]
     for line in lines:
