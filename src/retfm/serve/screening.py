@@ -12,8 +12,8 @@ The steps a request goes through, split by where they run:
   (``retfm.models.engine``, checked on phantom fundus photographs against PyTorch eager fp32) and its last linear
   layer in PyTorch; a second pass, in PyTorch with gradients, of Grad-CAM (the ``grad-cam`` package, on the last
   transformer block or convolutional stage) over the images that asked for a heatmap, so an image's
-  probabilities never depend on whether one was asked for; one forward pass
-  of the retrieval index's own embedding model (on an engine too) and a FAISS search, when an index is served.
+  probabilities never depend on whether one was asked for; one forward pass of the retrieval index's own
+  embedding model (on an engine too) and a FAISS search, when an index is served.
 
 Decisions follow the model card: a binary classifier's finding is "positive" when the probability of its second
 class reaches the threshold chosen on validation (Youden's J, by ``retfm finetune``); a multi-class one predicts
