@@ -207,13 +207,16 @@ def assert_one_line_config_errors(path, problems: list[tuple[list[str], str]]) -
         assert expected in str(error.value) and "\n" not in str(error.value), (sets, str(error.value))
 
 
-def test_pretrain_options_naming_data_or_adapters_are_one_line_errors(tmp_path):
+def test_pretrain_options_naming_data_adapters_or_their_own_schedule_are_one_line_errors(tmp_path):
     path = tmp_path / "federated.yaml"
     path.write_text(json.dumps({"data": "cohort", "pretrain": {"objective": "token-reconstruction",
-                                                              "model": "tiny-vit"}}))
+                                                              "model": "tiny-vit", "warmup_steps": 3}}))
+    assert load_config(FederatedConfig, path).pretrain_config().steps == 30  # the schedule: rounds x local_steps
     assert_one_line_config_errors(path, [
         (["pretrain.data=[x]"], "pretrain.data: the data come from the federation's sites"),
-        (["pretrain.lora={rank: 4}"], "pretrain.lora: a federation's adapters are set by transfer_params")])
+        (["pretrain.lora={rank: 4}"], "pretrain.lora: a federation's adapters are set by transfer_params"),
+        (["pretrain.steps=100"], "pretrain.steps: each site runs rounds x local_steps = 30 steps"),
+        (["pretrain.warmup_steps=30"], "pretrain.warmup_steps (30) must be below the 30 steps each site runs")])
 
 
 def assert_only_weights_and_aggregates(messages, cohort, weights: dict, labels=("glaucoma",)) -> None:

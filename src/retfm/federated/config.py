@@ -8,7 +8,6 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from retfm.adapt.config import FinetuneConfig
 from retfm.config import Options
-from retfm.errors import RetfmError
 from retfm.pretrain.config import LoraOptions, PretrainConfig
 from retfm.synth.config import SynthTrainConfig
 
@@ -115,6 +114,15 @@ class FederatedConfig(Options):
         if given[self.task] is None or any(v is not None for task, v in given.items() if task != self.task):
             others = " or ".join(task for task in given if task != self.task)
             raise ValueError(f"task {self.task}: give {self.task} options, not {others}")
+        if self.task == "pretrain":
+            steps = self.rounds * self.local_steps
+            if self.pretrain.get("steps", steps) != steps:
+                raise ValueError(f"pretrain.steps: each site runs rounds x local_steps = {steps} steps in a "
+                                 "federation; leave steps out")
+            warmup = self.pretrain_config().warmup_steps
+            if warmup >= steps:
+                raise ValueError(f"pretrain.warmup_steps ({warmup}) must be below the {steps} steps each site runs "
+                                 "(rounds x local_steps): set pretrain.warmup_steps")
         if self.task == "synth":
             if self.transfer_params == "lora":
                 raise ValueError("task synth: every UNet weight travels; transfer_params lora is for task pretrain")
@@ -142,14 +150,7 @@ class FederatedConfig(Options):
         """The sites' pretraining options (``data`` is set per site; ``steps``, the length of the learning-rate
         schedule, is each site's whole share: rounds x local steps)."""
         steps = self.rounds * self.local_steps
-        if self.pretrain.get("steps", steps) != steps:
-            raise RetfmError(f"pretrain.steps: each site runs rounds x local_steps = {steps} steps in a federation; "
-                             "leave steps out")
-        config = PretrainConfig.model_validate({**self.pretrain, "data": ["site"], "steps": steps})
-        if config.warmup_steps >= steps:
-            raise RetfmError(f"pretrain.warmup_steps ({config.warmup_steps}) must be below the {steps} steps each "
-                             "site runs (rounds x local_steps): set pretrain.warmup_steps")
-        return config
+        return PretrainConfig.model_validate({**self.pretrain, "data": ["site"], "steps": steps})
 
     def finetune_config(self) -> FinetuneConfig:
         """The sites' fine-tuning options (each site reads its own data)."""
