@@ -10,7 +10,10 @@ from typer.testing import CliRunner
 from retfm import __version__
 from retfm.cli.common import literal_values, shown_default
 from retfm.cli.main import app
+from retfm.config import load_config
 from retfm.data import Manifest
+from retfm.demo.config import QUICK, DemoConfig, with_quick
+from retfm.errors import RetfmError
 from retfm.pretrain.config import OBJECTIVES
 
 
@@ -81,11 +84,22 @@ def test_phantoms_ingest_stats_road(tmp_path):
 
 def _generated_options(command: click.Command):
     """The options of a command generated from its config: (option, config field) pairs."""
-    model = getattr(command.callback, "config_model", None)
-    return [] if model is None else [(p, model.model_fields[p.name]) for p in command.params if p.name in model.model_fields]
+    model, fields = getattr(command.callback, "config_model", None), getattr(command.callback, "config_fields", ())
+    return [(p, model.model_fields[p.name]) for p in command.params if p.name in fields]
 
 
 GENERATED = [(path, command) for path, command in ((p, _command(p)) for p in COMMANDS) if _generated_options(command)]
+
+
+def test_every_command_that_loads_a_config_generates_its_options():
+    """A command taking --set builds its options from its config (so each default is written once), unless the
+    config is its YAML argument (federated run and app, study: they have no options of the config's own)."""
+    loading = {path for path in COMMANDS if any("--set" in p.opts for p in _command(path).params)}
+    yaml_argument = {path for path in loading if any(p.name == "config" for p in _command(path).params)}
+    assert yaml_argument == {("federated", "run"), ("federated", "app"), ("study",)}
+    assert {path for path, _ in GENERATED} == loading - yaml_argument
+    assert {("synth", "train"), ("synth", "sample"), ("synth", "audit"), ("synth", "assemble"), ("index", "build"),
+            ("serve",), ("data", "ingest"), ("demo",)} <= {path for path, _ in GENERATED}
 
 
 @pytest.mark.parametrize("path,command", GENERATED, ids=[" ".join(p) for p, _ in GENERATED])
@@ -103,3 +117,17 @@ def test_help_shows_the_config_defaults_and_every_accepted_value(path, command):
 def test_pretrain_help_lists_every_objective():
     text = CliRunner().invoke(app, ["pretrain", "--help"], terminal_width=200).output
     assert all(objective in text for objective in OBJECTIVES)
+
+
+def test_options_of_another_form_fill_their_config_field(tmp_path):
+    """--map SOURCE=TARGET (repeatable) fills ingest's columns; a malformed one is one line before any work."""
+    result = CliRunner().invoke(app, ["data", "ingest", str(tmp_path), "--out", str(tmp_path / "o"), "--map", "mrn"])
+    assert isinstance(result.exception, RetfmError) and "--map 'mrn': expected SOURCE=TARGET" in str(result.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_quick_fills_only_what_was_not_given():
+    config = with_quick(load_config(DemoConfig, None, {"rounds": 5, "label": "amd"}))
+    assert (config.rounds, config.label) == (5, "amd")
+    assert {key: getattr(config, key) for key in QUICK if key != "rounds"} == {k: v for k, v in QUICK.items()
+                                                                                if k != "rounds"}

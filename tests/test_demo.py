@@ -12,7 +12,8 @@ from retfm.data.config import IngestConfig
 from retfm.data.ingest import ingest
 from retfm.data.manifest import Manifest
 from retfm.data.phantoms import generate_cohort
-from retfm.demo import QUICK, DemoConfig, deal_sites, findings, run_demo
+from retfm.demo import QUICK, DemoConfig
+from retfm.demo.run import deal_sites, findings, run_demo
 from retfm.errors import RetfmError
 from retfm.evaluate.compare import compare_predictions
 

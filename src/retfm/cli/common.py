@@ -7,7 +7,9 @@ import inspect
 import json
 import types
 import typing
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -22,7 +24,6 @@ from retfm.config import load_config
 
 console = Console(stderr=True)
 stdout = Console()
-
 
 
 def print_table(table: Table) -> None:
@@ -44,15 +45,29 @@ ConfigOption = "YAML config file; command-line options override it"
 SetOption = "override a config value: --set key=value (repeatable; values parsed as YAML)"
 
 
-def config_command(model: type[BaseModel], *fields: str):
+@dataclass(frozen=True)
+class FromOption:
+    """A config field filled from an option of another form: ``convert(value)`` is the field's value (None: not
+    given), e.g. the mapping ``columns`` from repeated ``--map SOURCE=TARGET``."""
+
+    flag: str
+    annotation: object
+    help: str
+    convert: Callable
+
+
+def config_command(model: type[BaseModel], *fields: str, **converted: FromOption):
     """A command whose options ``fields`` are generated from ``model``'s fields (flag ``--field-name``, type,
-    description as help, every accepted value of a Literal, and the config's default), beside ``--config`` and
-    ``--set``. The command itself takes its other parameters and ``config``: the model loaded from the defaults <
-    the YAML file < the options given < ``--set``."""
+    description as help, every accepted value of a Literal, and the config's default), beside ``converted`` fields
+    (field name: :class:`FromOption`), ``--config`` and ``--set``. The command itself takes its other parameters
+    and ``config``: the model loaded from the defaults < the YAML file < the options given < ``--set``."""
     def wrap(command):
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "config"]
         generated = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option(model, name),
                                        annotation=cli_type(model.model_fields[name])) for name in fields]
+        generated += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=source.annotation,
+                                        default=typer.Option(None, source.flag, help=source.help))
+                      for name, source in converted.items()]
         extra = [inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
                                    default=typer.Option(None, "--config", help=ConfigOption)),
                  inspect.Parameter("sets", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[list[str]],
@@ -62,11 +77,12 @@ def config_command(model: type[BaseModel], *fields: str):
         def run(**given):
             options = {name: given.pop(name) for name in fields}
             options = {name: value or None if isinstance(value, list) else value for name, value in options.items()}
+            options |= {name: source.convert(given.pop(name)) for name, source in converted.items()}
             config = load_config(model, given.pop("config_file"), options, given.pop("sets"))
             return command(config=config, **given)
 
         del run.__wrapped__  # typer reads the generated signature, not the command's own
-        run.config_model = model
+        run.config_model, run.config_fields = model, fields
         run.__signature__ = inspect.Signature([*own, *generated, *extra])
         run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
         return run

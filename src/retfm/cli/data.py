@@ -3,59 +3,48 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from retfm.cli.common import ConfigOption, SetOption, console, print_table, progress_bar, stdout, write_json
+from retfm.cli.common import FromOption, config_command, console, print_table, progress_bar, stdout, write_json
+from retfm.data.config import IngestConfig
 from retfm.errors import RetfmError
 
 app = typer.Typer(help="Data: phantom cohorts, ingestion, de-identification, statistics.", no_args_is_help=True)
 
 
-@app.command()
-def ingest(
-    src: Path = typer.Argument(..., help="image folder, CSV, RetinaMNIST .npz, DICOM folder or the folder of a "
-                                         "downloaded public dataset (with --format NAME)"),
-    out: Path = typer.Option(..., "--out", help="output folder (manifest.parquet, images/, ingest_report.json)"),
-    format: str = typer.Option(None, "--format", help="auto, imagefolder, csv, retinamnist, dicom, or a public "
-                                                      "dataset in its published layout: retfound, aptos2019, idrid, "
-                                                      "messidor2, papila, glaucoma_fundus, jsiec, brset, odir5k "
-                                                      "(see docs/data.md) [default: auto]"),
-    size: int = typer.Option(None, "--size", help="side of the stored square images [default: 512]"),
-    site: str = typer.Option(None, "--site", help="site name when the source has no site column [default: site1]"),
-    split: str = typer.Option(None, "--split", help="train,val,test fractions for sources without splits "
-                                                    "[default: 0.7,0.1,0.2]"),
-    seed: int = typer.Option(None, "--seed", help="seed for the splits [default: 0]"),
-    deid_key_file: Path = typer.Option(None, "--deid-key-file", help="site key: de-identify with keyed pseudonyms"),
-    workers: int = typer.Option(None, "--workers", help="worker processes [default: all cores]"),
-    mapping: list[str] = typer.Option(None, "--map", help="CSV column rename SOURCE=TARGET (repeatable), "
-                                                          "e.g. --map level=dr_grade --map PatientID=patient_id"),
-    path_column: str = typer.Option(None, "--path-column", help="CSV column holding image paths"),
-    image_format: str = typer.Option(None, "--image-format", help="png|jpg for stored images [default: png]"),
-    clahe: bool = typer.Option(None, "--clahe/--no-clahe", help="contrast-limited histogram equalisation"),
-    stratify: str = typer.Option(None, "--stratify", help="label column to stratify new splits by"),
-    config: Path = typer.Option(None, "--config", help=ConfigOption),
-    sets: list[str] = typer.Option(None, "--set", help=SetOption),
-) -> None:
-    """Validate, de-identify, crop to the field of view, resize and quality-score images into a Manifest."""
-    from retfm.config import load_config
-    from retfm.data.config import IngestConfig
-    from retfm.data.ingest import REPORT_FILENAME, ingest as run_ingest
-
+def _columns(items: list[str] | None) -> dict[str, str] | None:
+    """``--map SOURCE=TARGET`` (repeatable) as the config's column renames."""
     columns = {}
-    for item in mapping or []:
+    for item in items or []:
         source, sep, target = item.partition("=")
         if not sep or not source or not target:
             raise RetfmError(f"--map {item!r}: expected SOURCE=TARGET")
         columns[source] = target
-    options = {"format": format, "size": size, "site": site, "split": split, "seed": seed,
-               "deid_key_file": deid_key_file, "workers": workers, "path_column": path_column,
-               "image_format": image_format, "clahe": clahe, "stratify": stratify, "columns": columns or None}
-    cfg = load_config(IngestConfig, config, options, sets)
+    return columns or None
+
+
+COLUMN_MAP = FromOption("--map", typing.Optional[list[str]], "CSV column rename SOURCE=TARGET (repeatable), e.g. "
+                        "--map level=dr_grade --map PatientID=patient_id", _columns)
+
+
+@app.command()
+@config_command(IngestConfig, "format", "size", "site", "split", "seed", "deid_key_file", "workers", "path_column",
+                "image_format", "clahe", "stratify", columns=COLUMN_MAP)
+def ingest(
+    config: IngestConfig,
+    src: Path = typer.Argument(..., help="image folder, CSV, RetinaMNIST .npz, DICOM folder or the folder of a "
+                                         "downloaded public dataset (with --format NAME)"),
+    out: Path = typer.Option(..., "--out", help="output folder (manifest.parquet, images/, ingest_report.json)"),
+) -> None:
+    """Validate, de-identify, crop to the field of view, resize and quality-score images into a Manifest."""
+    from retfm.data.ingest import REPORT_FILENAME, ingest as run_ingest
+
     with progress_bar("ingest") as (total, advance):
-        report = run_ingest(src, out, cfg, progress=advance, total=total)
+        report = run_ingest(src, out, config, progress=advance, total=total)
     stdout.print(f"ingested {report['ingested']} of {report['seen']} item(s) into {out}: "
                  f"{report['duplicates']} duplicate(s), {sum(report['rejected'].values())} rejected")
     for entry in report["rejected_files"]:

@@ -8,27 +8,22 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from retfm.cli.common import SetOption, console, stdout
+from retfm.cli.common import config_command, console, stdout
+from retfm.demo.config import DemoConfig, with_quick
 
 
+@config_command(DemoConfig, "data", "label", "sites")
 def demo(
+    config: DemoConfig,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="folder for every stage's files and report.html"),
-    data: Path = typer.Option(None, "--data", help="a labelled ingest folder of your own instead of phantoms"),
-    label: str = typer.Option(None, "--label", help="label the probes predict [default: referable_dr]"),
-    sites: int = typer.Option(None, "--sites", help="deal the patients into N sites [default: the data's site "
-                                                    "column]"),
     quick: bool = typer.Option(False, "--quick", help="3 small sites, 2 short rounds at 96 px: about 80 s"),
-    sets: list[str] = typer.Option(None, "--set", help=SetOption + "; see retfm.demo.DemoConfig"),
 ) -> None:
     """Federated pretraining from the ImageNet start against pooled, each site alone, the start and random
     weights, on built-in phantoms or your own photographs; writes OUT/report.html."""
-    from retfm.config import load_config
-    from retfm.demo import QUICK, DemoConfig, run_demo
+    from retfm.demo.run import run_demo
 
-    options = {**(QUICK if quick else {}), "data": str(data) if data else None, "label": label, "sites": sites}
-    config = load_config(DemoConfig, None, options, sets)
     with _Bars() as bars:
-        results = run_demo(out, config, bars)
+        results = run_demo(out, with_quick(config) if quick else config, bars)
     for sentence in results["findings"]:
         stdout.print(f"- {sentence}", highlight=False)
     minutes = sum(results["seconds"].values()) / 60

@@ -7,35 +7,24 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from retfm.cli.common import ConfigOption, SetOption, console, print_table, progress_bar, stdout, write_json
+from retfm.cli.common import config_command, console, print_table, progress_bar, stdout, write_json
+from retfm.retrieval.config import IndexConfig
 
 index_app = typer.Typer(help="Similar-case search indexes over embeddings (FAISS).", no_args_is_help=True)
 
 
 @index_app.command("build")
+@config_command(IndexConfig, "kind", "split", "nlist", "nprobe", "hnsw_m", "ef_search")
 def build(
+    config: IndexConfig,
     embeddings: Path = typer.Option(..., "--embeddings", help="embeddings Parquet from `retfm embed`"),
     out: Path = typer.Option(..., "--out", help="index folder to write (index.faiss, items.parquet, index.json)"),
-    kind: str = typer.Option(None, "--kind", help="auto|exact|ivf|hnsw (default: auto: exact below 100,000 "
-                                                  "vectors, hnsw above)"),
-    split: str = typer.Option(None, "--split", help="index only this split (e.g. train) (default: every row)"),
-    nlist: int = typer.Option(None, "--nlist", help="ivf: k-means lists (default: 4*sqrt(N), at most N/39)"),
-    nprobe: int = typer.Option(None, "--nprobe", help="ivf: lists scanned per query (default: 16)"),
-    hnsw_m: int = typer.Option(None, "--hnsw-m", help="hnsw: links per vector (default: 32)"),
-    ef_search: int = typer.Option(None, "--ef-search", help="hnsw: candidates kept per query (default: 64)"),
-    config: Path = typer.Option(None, "--config", help=ConfigOption),
-    sets: list[str] = typer.Option(None, "--set", help=SetOption),
 ) -> None:
     """Build a cosine-similarity index over an embeddings file, for `retfm retrieve`."""
-    from retfm.config import load_config
-    from retfm.retrieval.config import IndexConfig
     from retfm.retrieval.index import build_index
 
-    options = {"kind": kind, "split": split, "nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
-               "ef_search": ef_search}
-    cfg = load_config(IndexConfig, config, options, sets)
     with console.status("building the index"):
-        index = build_index(embeddings, out, cfg)
+        index = build_index(embeddings, out, config)
     stdout.print(f"indexed {len(index)} images ({index.meta['kind']}, vectors of size {index.dim}, model "
                  f"{index.meta.get('model')}) in {out}")
 
@@ -61,9 +50,10 @@ def retrieve(
                                                     "(default: as recorded in the index)"),
     weights: str = typer.Option(None, "--weights", help="--image/--data: where the index's weights are now, if "
                                                         "they moved (default: as recorded); other weights are refused"),
-    device: str = typer.Option(None, "--device", help="--image/--data: cpu|cuda (default: cpu)"),
-    workers: int = typer.Option(None, "--workers", help="--image/--data: decoding processes (default: half the "
-                                                        "cores, at most 4)"),
+    device: str = typer.Option(None, "--device", help="--image/--data: where the queries are embedded, as for "
+                                                      "`retfm embed --device`"),
+    workers: int = typer.Option(None, "--workers", help="--image/--data: decoding processes, as for `retfm embed "
+                                                        "--workers`"),
 ) -> None:
     """Find the indexed images most similar to query images (cosine similarity of embeddings)."""
     from retfm.errors import RetfmError

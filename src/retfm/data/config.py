@@ -19,20 +19,21 @@ class IngestConfig(Options):
                                                          "a public dataset's published layout (see docs/data.md)")
     size: int = Field(512, ge=8, le=8192, description="side of the stored square image (never upscaled)")
     site: str = Field("site1", min_length=1, description="site name for sources without a site column")
-    split: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train,val,test fractions")
+    split: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train,val,test fractions for sources "
+                                                                        "without splits")
     seed: Seed = 0
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    deid_key_file: Path | None = None
-    image_format: Literal["png", "jpg"] = "png"
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="worker processes")
+    deid_key_file: Path | None = Field(None, description="site key: de-identify with keyed pseudonyms")
+    image_format: Literal["png", "jpg"] = Field("png", description="format of the stored images")
     jpeg_quality: int = Field(95, ge=50, le=100)
     margin: float = Field(0.02, ge=0, le=0.5, description="border kept around the field of view, as a fraction")
-    clahe: bool = False
+    clahe: bool = Field(False, description="contrast-limited histogram equalisation")
     max_pixels: int = Field(64_000_000, ge=1)
     modality: Literal["CFP", "UWF", "OCT", "FA"] | None = None
     label_column: str = Field("label", description="column for image-folder class names")
     stratify: str | None = Field(None, description="label column to stratify new splits by "
                                                    "(default: the source's only label column)")
-    path_column: str | None = None
+    path_column: str | None = Field(None, description="CSV column holding image paths")
     columns: dict[str, str] = Field(default_factory=dict, description="CSV column renames, source -> manifest")
     image_root: Path | None = None
     extension: str | None = None

@@ -15,7 +15,8 @@ class SynthTrainConfig(Options):
 
     data: str = Field(..., description="ingest folder or manifest file")
     label: str = Field(..., description="label column the images are conditioned on")
-    cond: list[str] = Field(default_factory=list, description="further condition columns, e.g. site")
+    cond: list[str] = Field(default_factory=list, json_schema_extra={"repeatable": True},
+                            description="further condition columns, e.g. site (repeatable)")
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
     sites: list[str] | None = Field(None, description="rows of these sites only (a site's own generator); "
                                                        "null: every site")
@@ -46,7 +47,7 @@ class SynthTrainConfig(Options):
                                                            "(base_model: the empty prompt), which "
                                                            "classifier-free guidance needs")
     steps: int = Field(2000, ge=1, description="optimiser steps")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per step")
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -79,10 +80,10 @@ class SynthSamplerOptions(Options):
     base_model: str | None = Field(None, description="local diffusers folder of the base model a LoRA generator "
                                                      "was fine-tuned from (its card names it and its UNet's hash)")
     sampler: Literal["ddim", "dpm"] = Field("ddim", description="DDIM or DPM-Solver++ (multistep)")
-    inference_steps: int = Field(50, ge=1, le=1000)
+    inference_steps: int = Field(50, ge=1, le=1000, description="denoising steps")
     guidance: float = Field(2.0, ge=0, description="classifier-free guidance scale (1: conditional only, "
                                                    "0: unconditional)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per batch")
     seed: Seed = 0
     device: Device = "cpu"
 
