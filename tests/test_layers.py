@@ -13,8 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "retfm"
 # Bottom first. A name is a package or a top-level module of retfm ("" is retfm/__init__.py, the version).
 LAYERS = [
     {"", "errors", "hashing"},
-    {"runs"},
     {"config"},
+    {"runs"},
     {"data"},
     {"knowledge"},
     {"models"},

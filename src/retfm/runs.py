@@ -1,5 +1,6 @@
-"""What every resumable run shares: the rules of its folder, its device, checkpoints written whole, and the one
-guarded road by which retfm reads any pickled checkpoint (its own and published weights alike)."""
+"""What every resumable run shares: its folder (:class:`RunFolder`: the checkpoint, the log and the resolved config,
+and how a run starts or resumes in it), its device, checkpoints written whole, and the one guarded road by which
+retfm reads any pickled checkpoint (its own and published weights alike)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,58 @@ from pathlib import Path
 
 import torch
 
+from retfm.config import save_config
 from retfm.errors import RetfmError
 
+CHECKPOINT_FILENAME = "checkpoint.pt"
+LOG_FILENAME = "log.jsonl"
 
-def check_run_folder(out: Path, checkpoint: Path, resume: bool) -> None:
-    """A new run never overwrites an old one; ``--resume`` needs something to resume."""
-    if checkpoint.exists() and not resume:
+
+class RunFolder:
+    """The folder of a resumable training run (``retfm pretrain``, ``finetune``, ``synth train``): ``checkpoint.pt``
+    (the resolved config beside what the loop saves, written whole), ``log.jsonl`` (one JSON record per logged
+    step or epoch) and the resolved config as YAML (``config_name``). A new run never overwrites an old one; a
+    resumed one needs a checkpoint made with the same config, and runs again what followed its checkpoint, so its
+    log is cut back to the checkpoint's ``state[position]`` (``"step"`` or ``"epoch"``)."""
+
+    def __init__(self, out: Path, config, config_name: str, resume: bool, position: str = "step"):
+        self.out, self.config, self.config_name = Path(out), config, config_name
+        self.resume, self.position = resume, position
+        self.checkpoint, self.log_file = self.out / CHECKPOINT_FILENAME, self.out / LOG_FILENAME
+        refuse_overwrite(self.out, resume)
+        if resume and not self.checkpoint.exists():
+            raise RetfmError(f"{self.checkpoint}: nothing to resume")
+
+    def open(self, writer: bool = True) -> dict | None:
+        """Resumed: the checkpoint's content, and the log cut back to it. New: None, and the folder holding the
+        config and no log. Only a ``writer`` changes files (in a distributed run, the first process)."""
+        if self.resume:
+            saved = load_own_checkpoint(self.checkpoint, self.config)
+            if writer and self.log_file.exists():
+                done = saved["state"][self.position]
+                kept = [line for line in self.log_file.read_text().splitlines()
+                        if json.loads(line)[self.position] <= done]
+                self.log_file.write_text("".join(line + "\n" for line in kept))
+            return saved
+        if writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out / self.config_name)
+            self.log_file.unlink(missing_ok=True)
+        return None
+
+    def log(self, record: dict) -> None:
+        with open(self.log_file, "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def save(self, **parts) -> None:
+        """The checkpoint: the run's config and ``parts`` (its state, weights, optimiser, RNG states, ...)."""
+        save_whole({"config": self.config.model_dump_json(), **parts}, self.checkpoint)
+
+
+def refuse_overwrite(out: Path, resume: bool) -> None:
+    """A run folder holding a checkpoint is continued (``resume``), never started again."""
+    if (Path(out) / CHECKPOINT_FILENAME).exists() and not resume:
         raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
-    if resume and not checkpoint.exists():
-        raise RetfmError(f"{checkpoint}: nothing to resume")
 
 
 def checked_device(name: str) -> torch.device:
@@ -72,13 +116,6 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RetfmError(f"{path}: not readable JSON, damaged or truncated ({type(exc).__name__})") from None
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep a run log's records up to ``step``: a resumed run does the steps after its checkpoint again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def load_own_checkpoint(path: Path, config) -> dict:

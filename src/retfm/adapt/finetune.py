@@ -24,7 +24,6 @@ its last whole epoch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import time
@@ -44,7 +43,6 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from retfm import __version__
 from retfm.adapt.config import FinetuneConfig
 from retfm.adapt.predictions import resolve_task, write_results, youden_threshold
-from retfm.config import save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
@@ -53,9 +51,8 @@ from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint, spec as model_spec
 from retfm.models.backbones import head_prefix
 from retfm.models.lora import add_lora, merged
-from retfm.runs import check_run_folder, checked_device, load_checkpoint, load_own_checkpoint, save_whole
+from retfm.runs import RunFolder, checked_device, load_checkpoint
 
-CHECKPOINT_FILENAME = "checkpoint.pt"
 BEST_FILENAME = "best.pt"
 LOWER_IS_BETTER = ("loss",)
 CLASS_COLUMN = "_class"  # the label as a class index, for the loader
@@ -64,8 +61,7 @@ CLASS_COLUMN = "_class"  # the label as a class index, for the loader
 def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
              progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
     """Train, select on validation, predict and evaluate the test split; returns the metrics dict."""
-    checkpoint_path = out / CHECKPOINT_FILENAME
-    check_run_folder(out, checkpoint_path, resume)
+    run = RunFolder(out, config, "finetune_config.yaml", resume, position="epoch")
     device = checked_device(config.device)
     torch.manual_seed(config.seed)
 
@@ -94,16 +90,12 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
     criterion, mixup = loss_function(config, len(classes))
 
     state = {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0, "seconds": 0.0, "images_seen": 0}
-    if resume:
-        saved = load_own_checkpoint(checkpoint_path, config)
+    saved = run.open()
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "finetune_config.yaml")
-        (out / "log.jsonl").unlink(missing_ok=True)
 
     if total:
         total(config.epochs)
@@ -134,9 +126,9 @@ def finetune(config: FinetuneConfig, out: Path, resume: bool = False,
         record = {"epoch": epoch + 1, "train_loss": round(running / steps_per_epoch, 6),
                   f"val_{config.select_metric}": score, "lr": optimiser.param_groups[0]["lr"],
                   "images_seen": state["images_seen"]}
-        with open(out / "log.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        _save(checkpoint_path, config, model, optimiser, state)
+        run.log(record)
+        run.save(model=model.state_dict(), optimiser=optimiser.state_dict(), state=dict(state),
+                 rng=torch.get_rng_state())
         if progress:
             progress(1)
 
@@ -356,8 +348,3 @@ def _selection_score(rows: pd.DataFrame, probabilities: np.ndarray, config: Fine
         raise RetfmError(f"select_metric {config.select_metric!r} is undefined on the validation split "
                          f"(a class may be missing there); choose another, e.g. loss")
     return float(value)
-
-
-def _save(path: Path, config, model, optimiser, state) -> None:
-    save_whole({"config": config.model_dump_json(), "model": model.state_dict(),
-                "optimiser": optimiser.state_dict(), "state": dict(state), "rng": torch.get_rng_state()}, path)

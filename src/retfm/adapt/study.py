@@ -25,14 +25,14 @@ import pandas as pd
 from pydantic import ValidationError
 
 from retfm.adapt.config import FinetuneConfig, StudyConfig
-from retfm.adapt.finetune import CHECKPOINT_FILENAME, finetune
+from retfm.adapt.finetune import finetune
 from retfm.config import save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate import PREDICTIONS_FILENAME
 from retfm.evaluate.compare import compare_predictions
 from retfm.evaluate.study_report import write_study_report
-from retfm.runs import read_json
+from retfm.runs import CHECKPOINT_FILENAME, read_json
 
 ALL_SITES = "all"  # train_site / test_site of a study whose sites are not crossed
 CELL_COLUMNS = ["cell", "model", "adaptation", "label_fraction", "seed", "train_site", "test_site"]

@@ -36,9 +36,8 @@ from retfm.federated.config import STRATEGY_CLASSES, FederatedConfig
 from retfm.federated.privacy import CLIP_NORM_KEY, clip_update, private_strategy, privacy_spent
 from retfm.federated.task import (Site, contributed, local_evaluate, local_finetune, local_pretrain, local_synth,
                                   local_synth_test, local_test, start_weights)
-from retfm.runs import load_checkpoint, save_whole
+from retfm.runs import CHECKPOINT_FILENAME, load_checkpoint, save_whole
 
-CHECKPOINT_FILENAME = "checkpoint.pt"
 STRATEGIES = {name: getattr(flower, cls) for name, cls in STRATEGY_CLASSES.items()}
 
 # a site's work per task

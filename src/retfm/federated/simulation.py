@@ -24,12 +24,12 @@ from retfm.adapt.predictions import resolve_task
 from retfm.config import save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
-from retfm.federated.apps import CHECKPOINT_FILENAME, Recorder, build_strategy, client_app, server_app
+from retfm.federated.apps import Recorder, build_strategy, client_app, server_app
 from retfm.federated.config import FederatedConfig
 from retfm.federated.task import MIN_CELL, Site, load_shared, seeded_classifier, seeded_model
 from retfm.models import save_checkpoint, spec as model_spec
 from retfm.models.lora import merged
-from retfm.runs import load_checkpoint
+from retfm.runs import CHECKPOINT_FILENAME, load_checkpoint, refuse_overwrite
 from retfm.synth import train as synth
 from retfm.synth.generator import Conditions
 
@@ -81,8 +81,7 @@ def open_run(config: FederatedConfig, out: Path, resume: bool) -> Path:
     """The coordinator's run folder, with the run's config in it; one holding a run already is refused unless
     the run is resumed."""
     out = Path(out)
-    if (out / CHECKPOINT_FILENAME).exists() and not resume:
-        raise RetfmError(f"{out}: holds a run already; pass --resume to continue it, or choose a new --out")
+    refuse_overwrite(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "federated_config.yaml")
     return out

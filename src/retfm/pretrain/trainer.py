@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -35,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from retfm import __version__
-from retfm.config import save_config
 from retfm.data.datasets import ManifestDataset, Preprocessing, run_batches, train_transform
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.data.shards import INDEX_FILENAME, ShardDataset
@@ -49,19 +47,16 @@ from retfm.pretrain.config import PUBLISHED, LoraOptions, PretrainConfig
 from retfm.pretrain.mae import MAE
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.token_reconstruction import TokenReconstruction
-from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole, truncate_log
+from retfm.runs import RunFolder, checked_device
 
-CHECKPOINT_FILENAME = "checkpoint.pt"
 MODEL_FILENAME = "model.safetensors"
-LOG_FILENAME = "log.jsonl"
 
 
 def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
              progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None,
              on_log: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) a pretraining; returns the final card."""
-    checkpoint_path = out / CHECKPOINT_FILENAME
-    check_run_folder(out, checkpoint_path, resume)
+    run = RunFolder(out, config, "pretrain_config.yaml", resume)
     shard, device = _join_process_group(checked_device(config.device))
     if shard.rank:  # one voice: the first process reports and writes
         progress = total = on_log = None
@@ -83,8 +78,8 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
            if config.ema else None)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
-    if resume:
-        saved = load_own_checkpoint(checkpoint_path, config)
+    saved = run.open(writer=shard.rank == 0)
+    if saved is not None:
         objective.load_state_dict(saved["objective"])
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
@@ -93,14 +88,8 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
             ema.load_state_dict(saved["ema"])
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
-        if shard.rank == 0:
-            truncate_log(out / LOG_FILENAME, state["step"])  # steps after the checkpoint are run again
         if device.type == "cuda" and "cuda_rng" in saved:
             torch.cuda.set_rng_state(saved["cuda_rng"])
-    elif shard.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "pretrain_config.yaml")
-        (out / LOG_FILENAME).unlink(missing_ok=True)
 
     flops_per_image = _training_flops_per_image(objective, size, device)
     # DDP averages gradients over processes; the frozen teacher's buffers never change, so none are broadcast.
@@ -132,8 +121,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
                       "images_per_s": round((state["images_seen"] - window[1]) / max(now - window[0], 1e-9), 2)}
             window = (now, state["images_seen"])
             if shard.rank == 0:
-                with open(out / LOG_FILENAME, "a") as log:
-                    log.write(json.dumps(record) + "\n")
+                run.log(record)
                 if tensorboard is not None:
                     for key, value in record.items():
                         if key != "step":
@@ -141,7 +129,7 @@ def pretrain(config: PretrainConfig, out: Path, resume: bool = False,
             if on_log:
                 on_log(record)
         if shard.rank == 0 and (state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps):
-            _save_checkpoint(checkpoint_path, config, objective, optimiser, schedule, scaler, ema, state, device)
+            _save_checkpoint(run, objective, optimiser, schedule, scaler, ema, state, device)
 
     if tensorboard is not None:
         tensorboard.close()
@@ -493,12 +481,11 @@ def _tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _save_checkpoint(path: Path, config, objective, optimiser, schedule, scaler, ema, state, device) -> None:
-    payload = {"config": config.model_dump_json(), "objective": objective.state_dict(),
-               "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-               "state": dict(state), "rng": torch.get_rng_state()}
+def _save_checkpoint(run: RunFolder, objective, optimiser, schedule, scaler, ema, state, device) -> None:
+    parts = {"objective": objective.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+             "scaler": scaler.state_dict(), "state": dict(state), "rng": torch.get_rng_state()}
     if ema is not None:
-        payload["ema"] = ema.state_dict()
+        parts["ema"] = ema.state_dict()
     if device.type == "cuda":
-        payload["cuda_rng"] = torch.cuda.get_rng_state()
-    save_whole(payload, path)
+        parts["cuda_rng"] = torch.cuda.get_rng_state()
+    run.save(**parts)

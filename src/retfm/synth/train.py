@@ -33,20 +33,15 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from retfm.config import save_config
-
 from retfm.data.datasets import ManifestDataset, run_batches
 from retfm.data.manifest import MANIFEST_FILENAME, Manifest
 from retfm.errors import RetfmError
 from retfm.hashing import file_sha256
-from retfm.runs import check_run_folder, checked_device, load_own_checkpoint, save_whole, truncate_log
+from retfm.runs import LOG_FILENAME, RunFolder, checked_device
 from retfm.synth.config import SynthTrainConfig
 from retfm.synth.generator import (LATENT_LORA, PIXEL, SCHEDULER_DIR, UNET_DIR, Conditions, card_type, forward_flops,
                                    plain_value, verified_card, write_card)
 from retfm.synth.latent import LatentLoRA
-
-CHECKPOINT_FILENAME = "checkpoint.pt"
-LOG_FILENAME = "log.jsonl"
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
@@ -57,8 +52,7 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     """Train (or resume) a generator in ``out``; returns its card."""
     from diffusers.training_utils import EMAModel
 
-    checkpoint_path = out / CHECKPOINT_FILENAME
-    check_run_folder(out, checkpoint_path, resume)
+    run = RunFolder(out, config, "synth_config.yaml", resume)
     device = checked_device(config.device)
 
     data = ConditionedImages(config)
@@ -75,8 +69,8 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
     noise_rng = torch.Generator().manual_seed(config.seed)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "images_seen": 0, "seconds": 0.0}
-    if resume:
-        saved = load_own_checkpoint(checkpoint_path, config)
+    saved = run.open()
+    if saved is not None:
         load_trainable_state(unet, saved["unet"])
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
@@ -84,11 +78,6 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
             ema.load_state_dict(saved["ema"])
         noise_rng.set_state(saved["noise_rng"])
         state = saved["state"]
-        truncate_log(out / LOG_FILENAME, state["step"])
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "synth_config.yaml")
-        (out / LOG_FILENAME).unlink(missing_ok=True)
     if ema is not None:
         ema.to(device)
 
@@ -115,12 +104,11 @@ def train(config: SynthTrainConfig, out: Path, resume: bool = False,
         if state["step"] % config.log_every == 0 or state["step"] == config.steps:
             record = {"step": state["step"], "loss": round(loss, 6), "lr": schedule.get_last_lr()[0],
                       "epoch": state["epoch"], "images_seen": state["images_seen"]}
-            with open(out / LOG_FILENAME, "a") as log:
-                log.write(json.dumps(record) + "\n")
+            run.log(record)
             if on_log:
                 on_log(record)
         if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
-            _save_checkpoint(checkpoint_path, config, unet, optimiser, schedule, ema, noise_rng, state)
+            _save_checkpoint(run, unet, optimiser, schedule, ema, noise_rng, state)
 
     if ema is not None:
         ema.copy_to(trainable)  # the shared generator is the moving average
@@ -334,12 +322,12 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             own[name].copy_(value)
 
 
-def _save_checkpoint(path: Path, config, unet, optimiser, schedule, ema, noise_rng, state) -> None:
-    payload = {"config": config.model_dump_json(), "unet": trainable_state(unet), "optimiser": optimiser.state_dict(),
-               "schedule": schedule.state_dict(), "noise_rng": noise_rng.get_state(), "state": dict(state)}
+def _save_checkpoint(run: RunFolder, unet, optimiser, schedule, ema, noise_rng, state) -> None:
+    parts = {"unet": trainable_state(unet), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+             "noise_rng": noise_rng.get_state(), "state": dict(state)}
     if ema is not None:
-        payload["ema"] = ema.state_dict()
-    save_whole(payload, path)
+        parts["ema"] = ema.state_dict()
+    run.save(**parts)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
