@@ -28,7 +28,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader
 
 from retfm import __version__
 from retfm.adapt.config import EmbedConfig
@@ -40,6 +39,7 @@ from retfm.hashing import file_sha256
 from retfm.models import ModelSpec, create, preprocessing, spec as model_spec
 from retfm.models.engine import CALIBRATION_IMAGES, QUANTIZATION_IMAGES, Engine, check, select
 from retfm.models.identity import IDENTITY_KEYS, embedding_identity
+from retfm.models.inference import manifest_outputs
 from retfm.pretrain.clip import ImageTower, is_clip_run, load_clip
 from retfm.runs import checked_device
 
@@ -79,11 +79,9 @@ def embed(data: Path, out: Path, config: EmbedConfig, progress: Callable[[int], 
         batch_size = config.batch_size or (64 if device.type == "cuda" else 4)
         engine = _engine(model, config, manifest, pre, metadata, len(todo), batch_size)
         metadata["retfm.engine"] = json.dumps(engine.describe())
-        dataset = ManifestDataset(Manifest(todo, manifest.root), eval_transform(pre), group_columns=(),
-                                  decode_size=pre.size)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=config.workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        _embed_batches(engine, loader, parts, progress)
+        batches = manifest_outputs(engine, Manifest(todo, manifest.root), eval_transform(pre), batch_size,
+                                   config.workers, pre.size, pin_memory=device.type == "cuda")
+        _write_parts(batches, parts, progress)
     elif out.exists():  # nothing computed now: the engine that computed the vectors stays on record
         earlier = (pq.read_schema(out).metadata or {}).get(b"retfm.engine")
         if earlier:
@@ -133,23 +131,22 @@ def _decoded(manifest: Manifest, rows: pd.DataFrame, pre) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
-# ---- the loop -----------------------------------------------------------------------------------------------------
+# ---- parts written as they come --------------------------------------------------------------------------------------
 
-def _embed_batches(engine: Engine, loader, parts: Path, progress) -> None:
+def _write_parts(batches, parts: Path, progress) -> None:
+    """Write the (image ids, vectors) batches into part files of :data:`PART_ROWS` rows as they come."""
     parts.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
     vectors: list[np.ndarray] = []
     part_index = len(list(parts.glob("part-*.parquet")))
-    with torch.inference_mode():
-        for batch in loader:
-            features = engine(batch["image"]).float().cpu().numpy()
-            ids += batch["image_id"]
-            vectors.append(features)
-            if progress:
-                progress(len(features))
-            if len(ids) >= PART_ROWS:
-                _write_part(parts / f"part-{part_index:05d}.parquet", ids, np.concatenate(vectors))
-                ids, vectors, part_index = [], [], part_index + 1
+    for batch_ids, features in batches:
+        ids += batch_ids
+        vectors.append(features)
+        if progress:
+            progress(len(features))
+        if len(ids) >= PART_ROWS:
+            _write_part(parts / f"part-{part_index:05d}.parquet", ids, np.concatenate(vectors))
+            ids, vectors, part_index = [], [], part_index + 1
     if ids:
         _write_part(parts / f"part-{part_index:05d}.parquet", ids, np.concatenate(vectors))
 

@@ -50,6 +50,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import outcomes, point_metrics
 from retfm.models import ModelSpec, create, memory_format, preprocessing, save_checkpoint, spec as model_spec
 from retfm.models.backbones import head_prefix
+from retfm.models.inference import manifest_outputs
 from retfm.models.lora import add_lora, merged
 from retfm.runs import RunFolder, checked_device, load_checkpoint
 
@@ -317,20 +318,18 @@ def _adapt(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
                     [head.rstrip(".")])
 
 
-@torch.inference_mode()
 def predict(model: torch.nn.Module, rows: pd.DataFrame, root: Path, pre, config: FinetuneConfig,
             device: torch.device) -> np.ndarray:
     """Class probabilities for ``rows`` (in order)."""
     model.eval()
-    dataset = ManifestDataset(Manifest(rows.reset_index(drop=True), root), eval_transform(pre), group_columns=(),
-                              decode_size=pre.size)
-    loader = DataLoader(dataset, batch_size=max(config.batch_size, 32), num_workers=config.workers)
-    parts = []
-    for batch in loader:
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
         with autocast(config, device):
-            images = batch["image"].to(device, memory_format=memory_format(model))
-            parts.append(torch.softmax(model(images).float(), dim=1).cpu())
-    return torch.cat(parts).numpy().astype(np.float64)
+            return torch.softmax(model(images.to(device, memory_format=memory_format(model))).float(), dim=1)
+
+    batches = manifest_outputs(probabilities, Manifest(rows.reset_index(drop=True), root), eval_transform(pre),
+                               max(config.batch_size, 32), config.workers, pre.size)
+    return np.concatenate([outputs for _, outputs in batches]).astype(np.float64)
 
 
 def _selection_score(rows: pd.DataFrame, probabilities: np.ndarray, config: FinetuneConfig, classes: list,

@@ -36,7 +36,7 @@ from retfm.adapt import finetune as recipe
 from retfm.adapt.config import FinetuneConfig
 from retfm.adapt.predictions import predictions_table, resolve_task, youden_threshold
 from retfm.adapt.probe import LogisticHead, hold_out
-from retfm.data.datasets import ManifestDataset, Preprocessing, eval_transform
+from retfm.data.datasets import Preprocessing, eval_transform
 from retfm.data.manifest import Manifest
 from retfm.data.splits import label_fraction_subset
 from retfm.data.stats import age_band
@@ -44,6 +44,7 @@ from retfm.errors import RetfmError
 from retfm.evaluate.metrics import as_strings, class_codes, outcomes, point_metrics
 from retfm.federated.config import FederatedConfig
 from retfm.models import ModelSpec, memory_format, preprocessing
+from retfm.models.inference import manifest_outputs
 from retfm.pretrain.config import LoraOptions, PretrainConfig
 from retfm.pretrain.sampling import BatchShard
 from retfm.pretrain.trainer import (MixedData, build_model, build_optimiser, mixed_precision, optimiser_step,
@@ -351,15 +352,14 @@ def local_evaluate(weights: Weights, site: Site, label: str, config: PretrainCon
     return {"num-examples": int(test.sum()), "train-rows": int(train.sum()), **metrics}
 
 
-@torch.inference_mode()
 def embed_rows(backbone: torch.nn.Module, manifest: Manifest, spec: ModelSpec, batch_size: int = 32) -> np.ndarray:
     """Pooled embeddings of a manifest's images, in row order, kept in memory (they never leave the site)."""
     pre = preprocessing(spec)
-    dataset = ManifestDataset(manifest, eval_transform(pre), group_columns=(), decode_size=pre.size)
     backbone = backbone.eval()
     device = next(backbone.parameters()).device
-    parts = [backbone(batch["image"].to(device)).float().cpu() for batch in DataLoader(dataset, batch_size=batch_size)]
-    return torch.cat(parts).numpy()
+    batches = manifest_outputs(lambda images: backbone(images.to(device)), manifest, eval_transform(pre), batch_size,
+                               decode_size=pre.size)
+    return np.concatenate([vectors for _, vectors in batches])
 
 
 def load_shared(objective: torch.nn.Module, weights: Weights, site: Site) -> None:

@@ -41,17 +41,17 @@ from scipy.stats import binomtest
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, cohen_kappa_score, pairwise_distances_chunked
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from retfm import __version__
 from retfm.adapt.probe import LogisticHead
-from retfm.data.datasets import ManifestDataset, eval_transform
+from retfm.data.datasets import eval_transform
 from retfm.data.io import open_image
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate.report import REPORT_CSS, figure_png, new_figure
 from retfm.models import create, preprocessing, spec as model_spec
+from retfm.models.inference import manifest_outputs
 from retfm.synth.config import SynthAuditConfig
 from retfm.synth.generator import verified_card
 
@@ -128,12 +128,10 @@ class Encoder:
             self.transform = v2.Compose([v2.Resize((at_size, at_size), antialias=True), self.transform])
             self.description["images_at"] = at_size
 
-    @torch.inference_mode()
     def __call__(self, manifest: Manifest) -> np.ndarray:
-        dataset = ManifestDataset(manifest, self.transform, group_columns=())
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=0)
-        return np.concatenate([self.model(batch["image"].to(self.device)).float().cpu().numpy()
-                               for batch in loader]).astype(np.float64)
+        batches = manifest_outputs(lambda images: self.model(images.to(self.device)), manifest, self.transform,
+                                   self.batch_size)
+        return np.concatenate([features for _, features in batches]).astype(np.float64)
 
 
 # ---- measures -----------------------------------------------------------------------------------------------------
