@@ -18,6 +18,8 @@ def test_precedence_defaults_yaml_options_sets(tmp_path):
 
 @pytest.mark.parametrize("sets, message", [
     (["split=0.5,0.1,0.1"], "option split: .*sum to 1"),
+    (["split=0.7,0.3"], "option split: .*three fractions"),
+    (["split=0.7,x,0.2"], "option split.1: .*valid number"),
     (["size=huge"], "option size"),
     (["colour=red"], "option colour: Extra inputs are not permitted"),
     (["novalue"], "expected key=value"),

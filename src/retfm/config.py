@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from retfm.errors import RetfmError
 
@@ -37,6 +37,15 @@ Workers = Annotated[int, Field(default_factory=decoding_workers, ge=0,
                                description="decoding processes beside the model (default: half the cores, at most 4)")]
 Engine = Annotated[Literal["auto", "torch", "onnxruntime", "openvino"], Field(
     description="inference engine; auto: the fastest whose features match PyTorch eager fp32")]
+
+
+def comma_separated(value):
+    """A string of comma-separated items (the command line's form of a list: site,sex or 0.7,0.3) -> its items,
+    stripped, empty ones left out; any other value as it is."""
+    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+
+CommaSeparated = BeforeValidator(comma_separated)  # a list or tuple field that also takes one such string
 
 
 def parse_set(assignment: str) -> tuple[list[str], object]:

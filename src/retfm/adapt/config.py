@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from retfm.config import Device, Engine, Options, Seed, Workers
+from retfm.config import CommaSeparated, Device, Engine, Options, Seed, Workers
+
+Names = Annotated[list[str], CommaSeparated]
 
 
 class EmbedConfig(Options):
@@ -34,14 +36,9 @@ class ProbeConfig(Options):
     head: Literal["logreg", "knn"] = "logreg"
     class_weight: Literal["none", "balanced"] = "none"
     task: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
-    by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
+    by: Names = Field(default_factory=list, description="group columns for per-group metrics")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: Seed = 0
-
-    @field_validator("by", mode="before")
-    @classmethod
-    def _parse_by(cls, value):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
 class FinetuneConfig(Options):
@@ -53,10 +50,10 @@ class FinetuneConfig(Options):
     label: str = Field(..., description="label column to predict")
     adaptation: Literal["full", "linear", "lora"] = "full"
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of training patients kept, by label")
-    train_sites: list[str] | None = Field(None, description="train and validate on these sites only")
-    test_sites: list[str] | None = Field(None, description="test on these sites only")
+    train_sites: Names | None = Field(None, description="train and validate on these sites only")
+    test_sites: Names | None = Field(None, description="test on these sites only")
     task: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
-    by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
+    by: Names = Field(default_factory=list, description="group columns for per-group metrics")
     epochs: int = Field(50, ge=1, description="training epochs")
     warmup_epochs: int = Field(5, ge=0)
     patience: int = Field(10, ge=1, description="stop after this many epochs without a better validation score")
@@ -80,18 +77,13 @@ class FinetuneConfig(Options):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] = Field(["qkv"], description="module names that get LoRA adapters")
+    lora_targets: Names = Field(["qkv"], description="module names that get LoRA adapters")
     image_size: int | None = Field(None, ge=16, description="default: the model's input size")
     device: Device = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"
     workers: Workers
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the 95% CIs")
     seed: Seed = 0
-
-    @field_validator("by", "train_sites", "test_sites", "lora_targets", mode="before")
-    @classmethod
-    def _parse_list(cls, value):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
 class StudyModel(Options):
@@ -119,7 +111,7 @@ class StudyConfig(Options):
 
     data: str = Field(..., description="ingest folder or manifest file with train/val/test splits")
     label: str
-    by: list[str] = Field(default_factory=list, description="group columns for per-group metrics")
+    by: Names = Field(default_factory=list, description="group columns for per-group metrics")
     finetune: dict = Field(default_factory=dict, description="FinetuneConfig options shared by every cell")
     models: list[StudyModel] = Field(..., min_length=1)
     adaptations: list[Literal["full", "linear", "lora"]] = Field(["full"], min_length=1)
@@ -127,11 +119,6 @@ class StudyConfig(Options):
     seeds: list[int] = Field([0], min_length=1)
     sites: StudySites | None = Field(None, description="omitted: train and test on all sites")
     compare_bootstrap: int = Field(1000, ge=1, description="paired bootstrap resamples per comparison")
-
-    @field_validator("by", mode="before")
-    @classmethod
-    def _parse_by(cls, value):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @field_validator("finetune")
     @classmethod

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from retfm.cli.common import FromOption, config_command, console, print_table, progress_bar, stdout, write_json
+from retfm.config import comma_separated
 from retfm.data.config import IngestConfig
 from retfm.errors import RetfmError
 
@@ -128,7 +129,7 @@ def shard(
     """Pack a Manifest's images into WebDataset tar shards plus index.json, for streaming large corpora."""
     from retfm.data.shards import INDEX_FILENAME, write_shards
 
-    chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    chosen = comma_separated(columns) or None
     with progress_bar("shard", unit="img") as (total, advance):
         index = write_shards(data, out, shard_size=shard_size, split=split, columns=chosen,
                              shuffle_seed=seed if shuffle else None, progress=advance, total=total)

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from retfm.cli.common import console, stdout, write_json
+from retfm.config import comma_separated
 from retfm.errors import RetfmError
 
 
@@ -29,7 +30,7 @@ def evaluate(
     from retfm.evaluate.report import METRIC_NAMES
 
     table, info = read_predictions(predictions)
-    columns = [column.strip() for column in by.split(",") if column.strip()]
+    columns = comma_separated(by)
     try:
         result = evaluate_predictions(table, label, info["classes"], info["task"], info["threshold"], by=columns,
                                       n_boot=bootstrap, seed=seed, meta=info["meta"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from retfm.cli.common import print_metrics, progress_bar, stdout
+from retfm.config import comma_separated
 
 
 def zeroshot(
@@ -29,7 +30,7 @@ def zeroshot(
     """Zero-shot disease recognition: prompts from the disease knowledge base, Top-1/3/5 accuracy and AUROC."""
     from retfm.zeroshot.classify import zeroshot as run_zeroshot
 
-    groups = [g.strip() for g in by.split(",") if g.strip()] if by else []
+    groups = comma_separated(by or "")
     with progress_bar("embed", unit="img") as (total, advance):
         result = run_zeroshot(data, model, label, out, classes=classes, split=None if split == "all" else split,
                               modality=modality, by=groups, n_boot=bootstrap, workers=workers, device=device,

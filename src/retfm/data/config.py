@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from retfm.config import Options, Seed
+from retfm.config import CommaSeparated, Options, Seed
 from retfm.data.sources import FORMATS
 
 
@@ -19,8 +19,8 @@ class IngestConfig(Options):
                                                          "a public dataset's published layout (see docs/data.md)")
     size: int = Field(512, ge=8, le=8192, description="side of the stored square image (never upscaled)")
     site: str = Field("site1", min_length=1, description="site name for sources without a site column")
-    split: tuple[float, float, float] = Field((0.7, 0.1, 0.2), description="train,val,test fractions for sources "
-                                                                        "without splits")
+    split: Annotated[tuple[float, ...], CommaSeparated] = Field(
+        (0.7, 0.1, 0.2), description="train,val,test fractions for sources without splits")
     seed: Seed = 0
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="worker processes")
     deid_key_file: Path | None = Field(None, description="site key: de-identify with keyed pseudonyms")
@@ -38,20 +38,10 @@ class IngestConfig(Options):
     image_root: Path | None = None
     extension: str | None = None
 
-    @field_validator("split", mode="before")
-    @classmethod
-    def _parse_split(cls, value):
-        if isinstance(value, str):
-            try:
-                value = tuple(float(v) for v in value.split(","))
-            except ValueError:
-                raise ValueError("split must be three numbers like 0.7,0.1,0.2") from None
-        return value
-
     @field_validator("split")
     @classmethod
     def _check_split(cls, value):
-        if any(v < 0 for v in value) or abs(sum(value) - 1) > 1e-6:
-            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {value}")
+        if len(value) != 3 or any(v < 0 for v in value) or abs(sum(value) - 1) > 1e-6:
+            raise ValueError(f"split must be three fractions train,val,test >= 0 that sum to 1, got {value}")
         return value
 

@@ -73,39 +73,11 @@ class FederatedConfig(Options):
     timeout: float = Field(3600, gt=0, description="seconds the coordinator waits for a round's replies")
     cpus_per_site: float = Field(1, gt=0, description="simulation: CPU cores reserved for each site")
 
-    @field_validator("pretrain")
+    @field_validator("pretrain", "finetune", "synth")
     @classmethod
-    def _check_pretrain(cls, value):
-        if value is None:
-            return value
-        _refuse_site_data("pretrain", value, {"data", "sites"})
-        _refuse_option("pretrain", value, "lora", "a federation's adapters are set by transfer_params: lora and lora:")
-        PretrainConfig.model_validate({**value, "data": ["site"]})
-        return value
-
-    @field_validator("finetune")
-    @classmethod
-    def _check_finetune(cls, value):
-        if value is None:
-            return value
-        _refuse_site_data("finetune", value, {"data", "train_sites", "test_sites"})
-        classes = value.get("classes")
-        if not isinstance(classes, list) or len({str(c) for c in classes}) != len(classes) or len(classes) < 2:
-            raise ValueError("finetune.classes: the label's values in the classifier's order, at least two distinct "
-                             "(every site trains and tests on these, whatever it holds)")
-        FinetuneConfig.model_validate({**_without_classes(value), "data": "site"})
-        return value
-
-    @field_validator("synth")
-    @classmethod
-    def _check_synth(cls, value):
-        if value is None:
-            return value
-        _refuse_site_data("synth", value, {"data", "sites"})
-        _refuse_option("synth", value, "base_model", "federated training of a LoRA generator is not built; each "
-                       "site can train its own with retfm synth train --set base_model=...")
-        options = SynthTrainConfig.model_validate({**_without_classes(value), "data": "site"})
-        _synth_conditions(options, value.get("classes"))
+    def _check_local_options(cls, value, info: ValidationInfo):
+        if value is not None:
+            LOCAL_OPTIONS[info.field_name](value)
         return value
 
     @model_validator(mode="after")
@@ -149,16 +121,15 @@ class FederatedConfig(Options):
     def pretrain_config(self) -> PretrainConfig:
         """The sites' pretraining options (``data`` is set per site; ``steps``, the length of the learning-rate
         schedule, is each site's whole share: rounds x local steps)."""
-        steps = self.rounds * self.local_steps
-        return PretrainConfig.model_validate({**self.pretrain, "data": ["site"], "steps": steps})
+        return _pretrain_options({**self.pretrain, "steps": self.rounds * self.local_steps})
 
     def finetune_config(self) -> FinetuneConfig:
         """The sites' fine-tuning options (each site reads its own data)."""
-        return FinetuneConfig.model_validate({**_without_classes(self.finetune), "data": "site"})
+        return _finetune_options(self.finetune)
 
     def synth_config(self) -> SynthTrainConfig:
         """The sites' generator options (each site reads its own data)."""
-        return SynthTrainConfig.model_validate({**_without_classes(self.synth), "data": "site"})
+        return _synth_options(self.synth)
 
     def synth_conditions(self) -> dict[str, list]:
         """Task synth: the generator's condition values, {column: values} in the class embedding's order."""
@@ -183,6 +154,39 @@ class FederatedConfig(Options):
     def lora_options(self) -> LoraOptions | None:
         """The adapters when only LoRA weights travel, else None."""
         return self.lora if self.transfer_params == "lora" else None
+
+
+def _pretrain_options(block: dict) -> PretrainConfig:
+    """Task pretrain's ``pretrain:`` block as the sites' options: no data (each site reads its own) and no
+    adapters (a federation's are ``lora:``)."""
+    _refuse_site_data("pretrain", block, {"data", "sites"})
+    _refuse_option("pretrain", block, "lora", "a federation's adapters are set by transfer_params: lora and lora:")
+    return PretrainConfig.model_validate({**block, "data": ["site"]})
+
+
+def _finetune_options(block: dict) -> FinetuneConfig:
+    """Task finetune's ``finetune:`` block as the sites' options: no data or sites, and ``classes``, the label's
+    values in the classifier's order."""
+    _refuse_site_data("finetune", block, {"data", "train_sites", "test_sites"})
+    classes = block.get("classes")
+    if not isinstance(classes, list) or len({str(c) for c in classes}) != len(classes) or len(classes) < 2:
+        raise ValueError("finetune.classes: the label's values in the classifier's order, at least two distinct "
+                         "(every site trains and tests on these, whatever it holds)")
+    return FinetuneConfig.model_validate({**_without_classes(block), "data": "site"})
+
+
+def _synth_options(block: dict) -> SynthTrainConfig:
+    """Task synth's ``synth:`` block as the sites' options: no data, no LoRA generator, and ``classes``, the
+    condition values (see :func:`_synth_conditions`)."""
+    _refuse_site_data("synth", block, {"data", "sites"})
+    _refuse_option("synth", block, "base_model", "federated training of a LoRA generator is not built; each site "
+                   "can train its own with retfm synth train --set base_model=...")
+    options = SynthTrainConfig.model_validate({**_without_classes(block), "data": "site"})
+    _synth_conditions(options, block.get("classes"))
+    return options
+
+
+LOCAL_OPTIONS = {"pretrain": _pretrain_options, "finetune": _finetune_options, "synth": _synth_options}
 
 
 def _refuse_site_data(block: str, options: dict, keys: set[str]) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from retfm.config import Device, Options, Seed, Workers
+from retfm.config import CommaSeparated, Device, Options, Seed, Workers
 
 
 class LoraOptions(Options):
@@ -30,7 +30,8 @@ class PretrainConfig(Options):
     data: list[str] = Field(..., min_length=1, json_schema_extra={"repeatable": True},
                             description="ingest folders or manifest files (repeatable: mixed by weight), or one set "
                                         "of shards from `retfm data shard`: folder, brace pattern or URL")
-    data_weights: list[float] | None = Field(None, description="sampling share of each --data (default: by size)")
+    data_weights: Annotated[list[float] | None, CommaSeparated] = Field(
+        None, description="sampling share of each --data, e.g. 0.7,0.3 (default: by size)")
     split: Literal["train", "val", "test"] | None = Field("train", description="manifest split used; null: all")
     sites: list[str] | None = Field(None, description="manifests: rows of these sites only (null: every site)")
     shuffle_buffer: int = Field(1000, ge=0, description="shards: mix samples from this many recent reads")
@@ -62,14 +63,4 @@ class PretrainConfig(Options):
     seed: Seed = 0
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-
-    @field_validator("data_weights", mode="before")
-    @classmethod
-    def _parse_weights(cls, value):
-        if isinstance(value, str):
-            try:
-                return [float(v) for v in value.split(",")]
-            except ValueError:
-                raise ValueError("data_weights must be numbers like 0.7,0.3") from None
-        return value
 

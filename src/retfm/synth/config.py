@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from retfm.config import Device, Options, Seed, Workers
+from retfm.config import CommaSeparated, Device, Options, Seed, Workers
 
 
 class SynthTrainConfig(Options):
@@ -26,12 +26,12 @@ class SynthTrainConfig(Options):
                                                      "with the labels, instead of a pixel UNet from scratch")
     lora_rank: int = Field(8, ge=1, description="base_model: rank of the LoRA matrices")
     lora_alpha: float | None = Field(None, gt=0, description="base_model: LoRA scale numerator (null: the rank)")
-    lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+    lora_targets: Annotated[list[str], CommaSeparated] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
                                     description="base_model: UNet modules given adapters (default: the attention "
                                                 "projections)")
     size: int = Field(64, ge=16, le=1024, description="side of the generated square images (base_model: a size it "
                                                       "was trained at, e.g. 512)")
-    block_out_channels: tuple[int, ...] = Field((32, 64, 128), min_length=2,
+    block_out_channels: Annotated[tuple[int, ...], CommaSeparated] = Field((32, 64, 128), min_length=2,
                                                 description="pixel UNet: channels per resolution level")
     layers_per_block: int = Field(1, ge=1, description="pixel UNet: ResNet blocks per level")
     norm_groups: int = Field(8, ge=1, description="pixel UNet: GroupNorm groups (divides every channel count)")
@@ -60,18 +60,6 @@ class SynthTrainConfig(Options):
     seed: Seed = 0
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(20, ge=1)
-
-    @field_validator("block_out_channels", mode="before")
-    @classmethod
-    def _parse_channels(cls, value):
-        if isinstance(value, str):
-            return tuple(int(v) for v in value.split(","))
-        return value
-
-    @field_validator("lora_targets", mode="before")
-    @classmethod
-    def _parse_targets(cls, value):
-        return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
 
 
 class SynthSamplerOptions(Options):

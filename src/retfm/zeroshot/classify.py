@@ -21,6 +21,7 @@ from retfm.adapt.config import EmbedConfig
 from retfm.adapt.embed import embed
 from retfm.adapt.embeddings import read_embeddings
 from retfm.adapt.predictions import resolve_task, write_results
+from retfm.config import comma_separated
 from retfm.errors import RetfmError
 from retfm.knowledge.base import load_knowledge
 from retfm.pretrain.clip import CLIP, load_clip
@@ -34,7 +35,7 @@ def class_texts(label: str, values: list, classes: str | None, modality: str) ->
     knowledge = load_knowledge()
     if not classes:
         return knowledge.class_prompts(label, values, modality)
-    parts = [part.strip() for part in classes.split(",") if part.strip()]
+    parts = comma_separated(classes)
     if all("=" in part for part in parts):
         named = dict(part.split("=", 1) for part in parts)
         by_value = {value: named.get(str(value)) for value in values}
