@@ -76,6 +76,7 @@ class FederatedConfig(Options):
     @field_validator("pretrain", "finetune", "synth")
     @classmethod
     def _check_local_options(cls, value, info: ValidationInfo):
+        """A task's block is checked when the config loads, as the sites' options are built from it."""
         if value is not None:
             LOCAL_OPTIONS[info.field_name](value)
         return value
