@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.predictions import write_predictions
 from retfm.errors import RetfmError
-from retfm.evaluate.compare import compare_predictions, delong_covariance, delong_test, paired_bootstrap
+from retfm.evaluate.compare import (compare_predictions, compare_repeated, delong_covariance, delong_test,
+                                   paired_bootstrap)
 from retfm.evaluate.metrics import outcomes
 
 
@@ -153,3 +154,39 @@ def test_multiclass_comparison_is_bootstrap_only(tmp_path):
     assert result["value_a"] == pytest.approx(expected)
     assert result["p_delong"] is None and result["p_bootstrap"] < 0.05
     assert result["ci_low"] > 0
+
+
+def test_repeated_runs_one_a_side_is_the_paired_bootstrap_and_run_spread_widens_the_interval(tmp_path):
+    """compare_repeated with one run a side gives compare_predictions' numbers resample for resample; copies of
+    one run change nothing; runs that disagree widen the interval (the run-to-run spread is in it), and the point
+    estimate is the mean of the runs' AUROCs less the other side's."""
+    rng = np.random.default_rng(4)
+    labels = (rng.random(120) < 0.4).astype(int)
+    patients = np.repeat(np.arange(60), 2)
+
+    def run(name, noise):
+        scores = 1 / (1 + np.exp(-(2 * (labels - 0.5) + rng.normal(0, noise, 120))))
+        return _write(tmp_path / f"{name}.parquet", _predictions(scores, labels, patients)), scores
+
+    a, scores_a = run("a", 1.0)
+    b, scores_b = run("b", 1.5)
+    single = compare_predictions(a, b, "glaucoma", n_boot=400, seed=3)
+    repeated = compare_repeated([a], [b], "glaucoma", n_boot=400, seed=3)
+    for key in ("value_a", "value_b", "difference", "ci_low", "ci_high", "p_bootstrap", "n_boot"):
+        assert repeated[key] == pytest.approx(single[key])
+    copies = compare_repeated([a, a, a], [b], "glaucoma", n_boot=400, seed=3)
+    assert (copies["ci_low"], copies["ci_high"]) == pytest.approx((single["ci_low"], single["ci_high"]))
+    weak, scores_weak = run("weak", 6.0)
+    spread = compare_repeated([a, weak], [b], "glaucoma", n_boot=400, seed=3)
+    mean_a = (roc_auc_score(labels, scores_a) + roc_auc_score(labels, scores_weak)) / 2
+    assert spread["value_a"] == pytest.approx(mean_a)
+    assert spread["difference"] == pytest.approx(mean_a - roc_auc_score(labels, scores_b))
+    assert spread["runs_a"] == pytest.approx([roc_auc_score(labels, scores_a), roc_auc_score(labels, scores_weak)])
+    pairs = compare_predictions(weak, b, "glaucoma", n_boot=400, seed=3)
+    assert spread["ci_high"] - spread["ci_low"] > single["ci_high"] - single["ci_low"]
+    assert spread["ci_high"] - spread["ci_low"] > pairs["ci_high"] - pairs["ci_low"]
+    other = _write(tmp_path / "c.parquet", _predictions(scores_b[:100], labels[:100], patients[:100]))
+    with pytest.raises(RetfmError, match="other test images"):
+        compare_repeated([a, other], [b], "glaucoma")
+    with pytest.raises(RetfmError, match="at least one"):
+        compare_repeated([], [b], "glaucoma")

@@ -111,29 +111,37 @@ def paired_bootstrap(a: Outcomes, b: Outcomes, clusters: np.ndarray, n_boot: int
     return results
 
 
+def _read_aligned(paths: list[Path], label: str, sites: list[str] | None) -> tuple[list[Outcomes], np.ndarray]:
+    """The outcomes of several ``predictions.parquet`` files on the same test images, rows in the first file's
+    order, and each row's bootstrap cluster (patient). ``sites``: these sites' images only."""
+    tables, infos = zip(*(read_predictions(path) for path in paths))
+    tables = list(tables)
+    if sites is not None:
+        for path, table in zip(paths, tables):
+            if "site" not in table:
+                raise RetfmError(f"{path}: has no site column to choose the sites {sites} by")
+        tables = [table[table["site"].astype(str).isin(sites)].reset_index(drop=True) for table in tables]
+        if tables[0].empty:
+            raise RetfmError(f"{paths[0]}: holds no test image of the sites {sites}")
+    first = tables[0]
+    for path, table, info in zip(paths[1:], tables[1:], infos[1:]):
+        if (info["classes"], info["task"]) != (infos[0]["classes"], infos[0]["task"]):
+            raise RetfmError(f"{path}: classes or task differ from {paths[0]}; they do not predict the same label")
+        if set(table["image_id"]) != set(first["image_id"]) or len(table) != len(first):
+            raise RetfmError(f"{path}: holds other test images than {paths[0]}; a paired comparison needs the "
+                             "same ones")
+    tables = [first] + [table.set_index("image_id").loc[first["image_id"]].reset_index() for table in tables[1:]]
+    results = [outcomes(table, label, info["classes"], info["task"], info["threshold"])
+               for table, info in zip(tables, infos)]
+    return results, bootstrap_clusters(first.loc[results[0].kept])
+
+
 def compare_predictions(path_a: str | Path, path_b: str | Path, label: str, n_boot: int = 1000,
                         seed: int = 0, sites: list[str] | None = None) -> dict:
     """Compare two ``predictions.parquet`` files on their common test images: AUROC of each, the difference
     a - b with its paired-bootstrap 95% CI and p-value, and DeLong's p-value when the task is binary.
     The files must hold the same images with the same labels. ``sites``: compare on these sites' images only."""
-    table_a, info_a = read_predictions(path_a)
-    table_b, info_b = read_predictions(path_b)
-    if sites is not None:
-        for path, table in ((path_a, table_a), (path_b, table_b)):
-            if "site" not in table:
-                raise RetfmError(f"{path}: has no site column to choose the sites {sites} by")
-        table_a = table_a[table_a["site"].astype(str).isin(sites)].reset_index(drop=True)
-        table_b = table_b[table_b["site"].astype(str).isin(sites)].reset_index(drop=True)
-        if table_a.empty:
-            raise RetfmError(f"{path_a}: holds no test image of the sites {sites}")
-    if (info_a["classes"], info_a["task"]) != (info_b["classes"], info_b["task"]):
-        raise RetfmError(f"{path_b}: classes or task differ from {path_a}; they do not predict the same label")
-    if set(table_a["image_id"]) != set(table_b["image_id"]) or len(table_a) != len(table_b):
-        raise RetfmError(f"{path_b}: holds other test images than {path_a}; a paired comparison needs the same ones")
-    table_b = table_b.set_index("image_id").loc[table_a["image_id"]].reset_index()
-    a = outcomes(table_a, label, info_a["classes"], info_a["task"], info_a["threshold"])
-    b = outcomes(table_b, label, info_b["classes"], info_b["task"], info_b["threshold"])
-    clusters = bootstrap_clusters(table_a.loc[a.kept])
+    (a, b), clusters = _read_aligned([Path(path_a), Path(path_b)], label, sites)
     auroc = paired_bootstrap(a, b, clusters, n_boot, seed)["auroc"]
     delong = None
     positives = int((a.y == 1).sum())
@@ -147,3 +155,41 @@ def compare_predictions(path_a: str | Path, path_b: str | Path, label: str, n_bo
         "confidence": CONFIDENCE,
     }
 
+
+def compare_repeated(paths_a: list[str | Path], paths_b: list[str | Path], label: str, n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """Is recipe A better than B when each was run several times (seeds)? The mean AUROC of A's runs minus the
+    mean of B's, all scored on the same test images, with a two-level bootstrap: each resample draws patients
+    once for every run (paired, as :func:`paired_bootstrap`) and, independently, draws each side's runs with
+    replacement, so the interval holds the run-to-run spread as well as the test set's. With one run a side it
+    is :func:`compare_predictions`' paired bootstrap, resample for resample. Few runs (say under 5) make the
+    run-level draw coarse; report every run beside it."""
+    paths = [Path(p) for p in [*paths_a, *paths_b]]
+    if not paths_a or not paths_b:
+        raise RetfmError("compare_repeated: each side needs at least one predictions file")
+    runs, clusters = _read_aligned(paths, label, None)
+    point = np.array([point_metrics(o)[0]["auroc"] for o in runs], dtype=float)
+    if not np.isfinite(point).all():
+        raise RetfmError(f"{paths[0]}: AUROC is undefined on these test images (one class only)")
+    rng = np.random.default_rng(seed)
+    run_rng = np.random.default_rng([seed, 1])  # the run draws leave the patient draws as paired_bootstrap's
+    k_a = len(paths_a)
+    block = max(1, MAX_WEIGHTS // len(runs[0].y))
+    differences = []
+    for start in range(0, n_boot, block):
+        weights = resample_weights(min(block, n_boot - start), clusters, rng)
+        per_run = np.stack([bootstrap_metrics(o, weights)["auroc"] for o in runs])  # [run, resample]
+        side_a = per_run[:k_a][run_rng.integers(0, k_a, (k_a, len(weights))), np.arange(len(weights))]
+        side_b = per_run[k_a:][run_rng.integers(0, len(paths_b), (len(paths_b), len(weights))),
+                               np.arange(len(weights))]
+        differences.append(side_a.mean(axis=0) - side_b.mean(axis=0))
+    differences = np.concatenate(differences)
+    ci, used = percentile_ci(differences)
+    differences = differences[np.isfinite(differences)]
+    tail = min((differences <= 0).sum(), (differences >= 0).sum())
+    return {"metric": "auroc", "n": len(runs[0].y), "runs_a": point[:k_a].round(6).tolist(),
+            "runs_b": point[k_a:].round(6).tolist(), "value_a": float(point[:k_a].mean()),
+            "value_b": float(point[k_a:].mean()), "difference": float(point[:k_a].mean() - point[k_a:].mean()),
+            "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
+            "p_bootstrap": min(1.0, 2 * (1 + tail) / (1 + used)) if used else None, "n_boot": used,
+            "confidence": CONFIDENCE}
