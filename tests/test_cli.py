@@ -99,7 +99,7 @@ def test_every_command_that_loads_a_config_generates_its_options():
     assert yaml_argument == {("federated", "run"), ("federated", "app"), ("study",)}
     assert {path for path, _ in GENERATED} == loading - yaml_argument
     assert {("synth", "train"), ("synth", "sample"), ("synth", "audit"), ("synth", "assemble"), ("index", "build"),
-            ("serve",), ("data", "ingest"), ("demo",)} <= {path for path, _ in GENERATED}
+            ("serve",), ("data", "ingest"), ("demo",), ("zeroshot",)} <= {path for path, _ in GENERATED}
 
 
 @pytest.mark.parametrize("path,command", GENERATED, ids=[" ".join(p) for p, _ in GENERATED])

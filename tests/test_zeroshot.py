@@ -19,6 +19,7 @@ from retfm.pretrain.clip import CLIP, CLIP_WEIGHTS, load_clip
 from retfm.pretrain.config import PretrainConfig
 from retfm.pretrain.trainer import pretrain
 from retfm.zeroshot.classify import class_texts, top_k_accuracy, zeroshot
+from retfm.zeroshot.config import ZeroshotConfig
 
 TINY_TEXT = {"embed_dim": 32, "text": {"width": 64, "heads": 2, "layers": 2, "context_length": 48}}
 
@@ -56,21 +57,21 @@ def test_the_contrastive_loss_falls_and_the_export_holds_the_trained_image_tower
 
 def test_zero_shot_recognises_the_label_from_its_description(trained, tmp_path):
     root, _ = trained
-    result = zeroshot(root / "data", root / "run", "glaucoma", tmp_path / "zs", n_boot=50)
+    result = zeroshot(root / "data", root / "run", tmp_path / "zs", ZeroshotConfig(label="glaucoma", bootstrap=50))
     assert result["n"] == 24 and result["top_k"]["top1_accuracy"] >= 0.9, result["top_k"]
     assert result["metrics"]["auroc"]["value"] >= 0.95
     assert result["meta"]["prompts_per_class"]["1"] > 10  # templates x synonyms x signs
     predictions = pd.read_parquet(tmp_path / "zs" / "predictions.parquet")
     assert np.allclose(predictions[["prob_0", "prob_1"]].sum(axis=1), 1)
     # the classes named by hand in the other order are read as such: every prediction flips
-    flipped = zeroshot(root / "data", root / "run", "glaucoma", tmp_path / "flip", n_boot=0,
-                       classes="0=glaucoma,1=normal fundus")
+    flipped = zeroshot(root / "data", root / "run", tmp_path / "flip",
+                       ZeroshotConfig(label="glaucoma", bootstrap=0, classes="0=glaucoma,1=normal fundus"))
     assert flipped["top_k"]["top1_accuracy"] <= 0.1
 
 
 def test_text_finds_the_images_it_describes(trained, tmp_path):
     root, _ = trained
-    zeroshot(root / "data", root / "run", "glaucoma", tmp_path / "zs", n_boot=0)
+    zeroshot(root / "data", root / "run", tmp_path / "zs", ZeroshotConfig(label="glaucoma", bootstrap=0))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "retfm.cli.main"]
     subprocess.run([*cli, "index", "build", "--embeddings", str(tmp_path / "zs" / "image_embeddings.parquet"),

@@ -25,6 +25,7 @@ from retfm.config import comma_separated
 from retfm.errors import RetfmError
 from retfm.knowledge.base import load_knowledge
 from retfm.pretrain.clip import CLIP, load_clip
+from retfm.zeroshot.config import ZeroshotConfig
 
 EMBEDDINGS_FILENAME = "image_embeddings.parquet"
 
@@ -65,15 +66,16 @@ def top_k_accuracy(y: np.ndarray, probabilities: np.ndarray, ks: tuple[int, ...]
             for k in ks if k <= probabilities.shape[1]}
 
 
-def zeroshot(data: Path, model_path: Path, label: str, out: Path, classes: str | None = None,
-             split: str | None = "test", modality: str | None = None, by: list[str] | None = None,
-             n_boot: int = 1000, seed: int = 0, workers: int = 0, device: str = "cpu",
+def zeroshot(data: Path, model_path: Path, out: Path, config: ZeroshotConfig,
              progress: Callable[[int], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
-    """Classify the images of ``data`` (one split) zero-shot; write and return the metrics."""
+    """Classify the images of ``data`` (one split, or all) zero-shot; write and return the metrics."""
+    label, classes, modality = config.label, config.classes, config.modality
+    split = None if config.split == "all" else config.split
     model, card = load_clip(model_path)
     out.mkdir(parents=True, exist_ok=True)
     embeddings = out / EMBEDDINGS_FILENAME
-    embed(data, embeddings, EmbedConfig(model=str(model_path), workers=workers, device=device, split=split),
+    embed(data, embeddings, EmbedConfig(model=str(model_path), workers=config.workers, device=config.device,
+                                        split=split),
           progress, total)
     table, vectors, metadata = read_embeddings(embeddings)
     if label not in table:
@@ -99,6 +101,7 @@ def zeroshot(data: Path, model_path: Path, label: str, out: Path, classes: str |
     y = table[label].map({v: i for i, v in enumerate(values)}).to_numpy()
     meta = {"model": str(model_path), "weights_sha256": metadata.get("retfm.weights_sha256"), "head": "zero-shot",
             "modality": modality, "prompts_per_class": {str(v): len(prompts[v]) for v in values},
-            "classes_given": classes, "split": split, "seed": seed, "image_text_card": card.get("name")}
+            "classes_given": classes, "split": split, "seed": config.seed, "image_text_card": card.get("name")}
     return write_results(out, table, label, values, probabilities, resolve_task("auto", label, values), None,
-                         meta, by or [], n_boot, seed, extra={"top_k": top_k_accuracy(y, probabilities)})
+                         meta, config.by, config.bootstrap, config.seed,
+                         extra={"top_k": top_k_accuracy(y, probabilities)})
