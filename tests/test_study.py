@@ -171,3 +171,21 @@ def test_cli_reruns_from_cache_and_prints_a_summary(crossed, tmp_path):
     assert "report.html" in result.output
     changed = CliRunner().invoke(app, ["study", str(path), "--out", str(out), "--set", "finetune.bogus=1"])
     assert changed.exit_code != 0 and "not a finetune option: bogus" in str(changed.exception)
+
+
+def test_seeds_are_compared_one_by_one_and_over_the_seeds(cohort, tmp_path):
+    """Two adaptations under two seeds: a paired row per seed, and one row over the seeds whose values are the
+    seeds' mean AUROCs (the same test images), with patients and seeds resampled."""
+    config = study_config(cohort, adaptations=["full", "linear"], seeds=[0, 1], by=[])
+    result = run_study(config, tmp_path / "out")
+    comparisons = pd.read_csv(tmp_path / "out" / "comparisons.csv")
+    assert len(comparisons) == 3 and comparisons["error"].isna().all(), comparisons["error"].tolist()
+    per_seed, over = comparisons[~comparisons["over_seeds"]], comparisons[comparisons["over_seeds"]].iloc[0]
+    assert sorted(per_seed["seed"]) == [0, 1] and pd.isna(over["seed"])
+    auroc = result["results"]
+    auroc = auroc[auroc["group_column"].isna() & (auroc["metric"] == "auroc")].groupby("adaptation")["value"].mean()
+    assert over["value_a"] == pytest.approx(auroc[over["adaptation_a"]])
+    assert over["value_b"] == pytest.approx(auroc[over["adaptation_b"]])
+    assert over["difference"] == pytest.approx(per_seed["difference"].mean())
+    assert over["ci_low"] <= over["difference"] <= over["ci_high"]
+    assert "over_seeds" in (tmp_path / "out" / "report.html").read_text()

@@ -8,7 +8,7 @@ metrics resumes from its last whole epoch; a cell that fails is recorded with it
 
 Outputs in OUT: ``study_config.yaml`` (resolved), ``cells.csv`` (every cell: status, seconds, error),
 ``results.parquet`` + ``results.csv`` (one row per cell x metric, overall and per group), ``comparisons.parquet``
-+ ``comparisons.csv`` (paired AUROC tests) and ``report.html``.
++ ``comparisons.csv`` (paired AUROC tests per seed, and over the seeds where there are several) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from retfm.config import save_config
 from retfm.data.manifest import Manifest
 from retfm.errors import RetfmError
 from retfm.evaluate import PREDICTIONS_FILENAME
-from retfm.evaluate.compare import compare_predictions
+from retfm.evaluate.compare import compare_predictions, compare_repeated
 from retfm.evaluate.study_report import write_study_report
 from retfm.runs import CHECKPOINT_FILENAME, read_json
 
@@ -154,25 +154,45 @@ def results_table(cells: list[Cell], out: Path) -> pd.DataFrame:
 
 def compare_cells(cells: list[Cell], out: Path, label: str, n_boot: int) -> pd.DataFrame:
     """Paired AUROC comparisons between every two model/adaptation pairs of cells that share fraction, seed and
-    sites (so the same test images)."""
+    sites (so the same test images); and, where either pair ran under two seeds or more, one row over the seeds
+    (``seed`` empty, ``over_seeds``): the mean AUROC of A's seeds less B's, patients and seeds resampled."""
     rows = []
     same_images: dict[tuple, list[Cell]] = {}
     for cell in cells:
         same_images.setdefault(tuple(cell.row()[c] for c in PAIRING), []).append(cell)
     for group in same_images.values():
         for a, b in itertools.combinations(group, 2):
-            row = {**{c: a.row()[c] for c in PAIRING}, "model_a": a.model, "adaptation_a": a.adaptation,
-                   "model_b": b.model, "adaptation_b": b.adaptation}
-            try:
-                row.update(compare_predictions(out / "cells" / a.key / PREDICTIONS_FILENAME,
-                                               out / "cells" / b.key / PREDICTIONS_FILENAME, label, n_boot,
-                                               seed=a.seed))
-            except (RetfmError, ValueError) as exc:  # a comparison that cannot be made is reported, not fatal
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            rows.append(row)
-    columns = [*PAIRING, "model_a", "adaptation_a", "model_b", "adaptation_b", "metric", "n", "value_a", "value_b",
-               "difference", "ci_low", "ci_high", "p_bootstrap", "n_boot", "p_delong", "se_delong", "error"]
-    return pd.DataFrame(rows).reindex(columns=columns)
+            rows.append(_compared(a, b, compare_predictions, _predictions(out, a), _predictions(out, b), label,
+                                  n_boot, seed=a.seed))
+    seeded: dict[tuple, dict[tuple, list[Cell]]] = {}
+    for cell in cells:
+        setting = tuple(cell.row()[c] for c in PAIRING if c != "seed")
+        seeded.setdefault(setting, {}).setdefault((cell.model, cell.adaptation), []).append(cell)
+    for arms in seeded.values():
+        for runs_a, runs_b in itertools.combinations(arms.values(), 2):
+            if max(len(runs_a), len(runs_b)) > 1:
+                rows.append(_compared(runs_a[0], runs_b[0], compare_repeated,
+                                      [_predictions(out, c) for c in runs_a], [_predictions(out, c) for c in runs_b],
+                                      label, n_boot, seed=0) | {"seed": None, "over_seeds": True})
+    columns = [*PAIRING, "over_seeds", "model_a", "adaptation_a", "model_b", "adaptation_b", "metric", "n", "value_a",
+               "value_b", "difference", "ci_low", "ci_high", "p_bootstrap", "n_boot", "p_delong", "se_delong", "error"]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    return table.astype({"seed": "Int64", "over_seeds": bool})
+
+
+def _predictions(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.key / PREDICTIONS_FILENAME
+
+
+def _compared(a: Cell, b: Cell, compare, paths_a, paths_b, label: str, n_boot: int, seed: int) -> dict:
+    """One comparison row of arm ``a`` against arm ``b``; a comparison that cannot be made is reported, not fatal."""
+    row = {**{c: a.row()[c] for c in PAIRING}, "over_seeds": False, "model_a": a.model,
+           "adaptation_a": a.adaptation, "model_b": b.model, "adaptation_b": b.adaptation}
+    try:
+        row.update(compare(paths_a, paths_b, label, n_boot, seed=seed))
+    except (RetfmError, ValueError) as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return row
 
 
 def _write_table(table: pd.DataFrame, stem: Path) -> None:

@@ -54,7 +54,8 @@ best known group of the same cell and column ("unknown" is never the best).</p>
 <h2>Paired comparisons</h2>
 {% if comparisons is not none %}<p>AUROC of A minus AUROC of B on the same test images (same fraction, seed and
 sites). CI and p (bootstrap): paired bootstrap over patients, both models scored on each resample. p (DeLong):
-DeLong's test, binary tasks only.</p>
+DeLong's test, binary tasks only. Rows marked over_seeds compare the mean AUROC of A's seeds with B's, resampling
+patients and seeds, so their interval holds the run-to-run spread too: read these before any single seed's.</p>
 {{ comparisons }}{% else %}<p>None: fewer than two models or adaptations finished on the same test images.</p>{% endif %}
 
 <h2>Cells</h2>
