@@ -12,6 +12,8 @@ Undefined cases follow ``point_metrics``: a resample where a metric divides by z
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from scipy import sparse
 
@@ -25,10 +27,16 @@ def resample_metrics(o: Outcomes, clusters: np.ndarray, n_boot: int,
                      rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Every metric on ``n_boot`` resamples, drawn and computed in blocks so memory stays bounded on large
     test sets."""
-    block = max(1, MAX_WEIGHTS // len(o.y))
-    parts = [bootstrap_metrics(o, resample_weights(min(block, n_boot - start), clusters, rng))
-             for start in range(0, n_boot, block)]
+    parts = [bootstrap_metrics(o, weights) for weights in weight_blocks(n_boot, clusters, rng)]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def weight_blocks(n_boot: int, clusters: np.ndarray, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The weights of ``n_boot`` resamples (:func:`resample_weights`), in blocks of at most :data:`MAX_WEIGHTS`
+    entries, so memory stays bounded on large test sets."""
+    block = max(1, MAX_WEIGHTS // len(clusters))
+    for start in range(0, n_boot, block):
+        yield resample_weights(min(block, n_boot - start), clusters, rng)
 
 
 def resample_weights(n_boot: int, clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -23,7 +23,7 @@ from scipy.stats import norm, rankdata
 
 from retfm.errors import RetfmError
 from retfm.evaluate import bootstrap_clusters, read_predictions
-from retfm.evaluate.bootstrap import CONFIDENCE, MAX_WEIGHTS, bootstrap_metrics, percentile_ci, resample_weights
+from retfm.evaluate.bootstrap import CONFIDENCE, bootstrap_metrics, percentile_ci, weight_blocks
 from retfm.evaluate.metrics import Outcomes, outcomes, point_metrics
 
 
@@ -87,28 +87,31 @@ def paired_bootstrap(a: Outcomes, b: Outcomes, clusters: np.ndarray, n_boot: int
     differences on either side of zero, counted as (1 + k) / (1 + resamples) so it is never exactly 0."""
     if len(a.y) != len(b.y) or not np.array_equal(a.y, b.y):
         raise RetfmError("paired bootstrap: the two models must be scored on the same images with the same labels")
-    rng = np.random.default_rng(seed)
-    block = max(1, MAX_WEIGHTS // len(a.y))
-    parts = []
-    for start in range(0, n_boot, block):
-        weights = resample_weights(min(block, n_boot - start), clusters, rng)
-        parts.append((bootstrap_metrics(a, weights), bootstrap_metrics(b, weights)))
+    parts = [(bootstrap_metrics(a, weights), bootstrap_metrics(b, weights))
+             for weights in weight_blocks(n_boot, clusters, np.random.default_rng(seed))]
     point_a, _ = point_metrics(a)
     point_b, _ = point_metrics(b)
     results = {}
     for name in metrics:
-        differences = np.concatenate([pa[name] - pb[name] for pa, pb in parts])
-        differences = differences[np.isfinite(differences)]
-        defined = point_a[name] is not None and point_b[name] is not None
-        if not defined or not differences.size:
+        ci, p, used = _interval(np.concatenate([pa[name] - pb[name] for pa, pb in parts]))
+        if point_a[name] is None or point_b[name] is None or not used:
             results[name] = PairedDifference(name, point_a[name], point_b[name], None, None, None, 0)
             continue
-        ci, used = percentile_ci(differences)
-        tail = min((differences <= 0).sum(), (differences >= 0).sum())
-        p = min(1.0, 2 * (1 + tail) / (1 + used))
-        results[name] = PairedDifference(name, point_a[name], point_b[name], point_a[name] - point_b[name], ci,
-                                         float(p), used)
+        results[name] = PairedDifference(name, point_a[name], point_b[name], point_a[name] - point_b[name], ci, p,
+                                         used)
     return results
+
+
+def _interval(differences: np.ndarray) -> tuple[list[float] | None, float | None, int]:
+    """The 95% percentile CI of the resampled differences that are defined (finite), their two-sided p-value (twice
+    the smaller share on either side of zero, counted as (1 + k) / (1 + resamples) so it is never exactly 0), and
+    how many were defined."""
+    differences = differences[np.isfinite(differences)]
+    ci, used = percentile_ci(differences)
+    if not used:
+        return None, None, 0
+    tail = min((differences <= 0).sum(), (differences >= 0).sum())
+    return ci, float(min(1.0, 2 * (1 + tail) / (1 + used))), used
 
 
 def _read_aligned(paths: list[Path], label: str, sites: list[str] | None) -> tuple[list[Outcomes], np.ndarray]:
@@ -171,25 +174,19 @@ def compare_repeated(paths_a: list[str | Path], paths_b: list[str | Path], label
     point = np.array([point_metrics(o)[0]["auroc"] for o in runs], dtype=float)
     if not np.isfinite(point).all():
         raise RetfmError(f"{paths[0]}: AUROC is undefined on these test images (one class only)")
-    rng = np.random.default_rng(seed)
     run_rng = np.random.default_rng([seed, 1])  # the run draws leave the patient draws as paired_bootstrap's
     k_a = len(paths_a)
-    block = max(1, MAX_WEIGHTS // len(runs[0].y))
     differences = []
-    for start in range(0, n_boot, block):
-        weights = resample_weights(min(block, n_boot - start), clusters, rng)
+    for weights in weight_blocks(n_boot, clusters, np.random.default_rng(seed)):
         per_run = np.stack([bootstrap_metrics(o, weights)["auroc"] for o in runs])  # [run, resample]
         side_a = per_run[:k_a][run_rng.integers(0, k_a, (k_a, len(weights))), np.arange(len(weights))]
         side_b = per_run[k_a:][run_rng.integers(0, len(paths_b), (len(paths_b), len(weights))),
                                np.arange(len(weights))]
         differences.append(side_a.mean(axis=0) - side_b.mean(axis=0))
-    differences = np.concatenate(differences)
-    ci, used = percentile_ci(differences)
-    differences = differences[np.isfinite(differences)]
-    tail = min((differences <= 0).sum(), (differences >= 0).sum())
+    ci, p, used = _interval(np.concatenate(differences))
     return {"metric": "auroc", "n": len(runs[0].y), "runs_a": point[:k_a].round(6).tolist(),
             "runs_b": point[k_a:].round(6).tolist(), "value_a": float(point[:k_a].mean()),
             "value_b": float(point[k_a:].mean()), "difference": float(point[:k_a].mean() - point[k_a:].mean()),
             "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
-            "p_bootstrap": min(1.0, 2 * (1 + tail) / (1 + used)) if used else None, "n_boot": used,
+            "p_bootstrap": p, "n_boot": used,
             "confidence": CONFIDENCE}
