@@ -26,13 +26,13 @@ class SynthTrainConfig(Options):
                                                      "with the labels, instead of a pixel UNet from scratch")
     lora_rank: int = Field(8, ge=1, description="base_model: rank of the LoRA matrices")
     lora_alpha: float | None = Field(None, gt=0, description="base_model: LoRA scale numerator (null: the rank)")
-    lora_targets: Annotated[list[str], CommaSeparated] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
-                                    description="base_model: UNet modules given adapters (default: the attention "
-                                                "projections)")
+    lora_targets: Annotated[list[str], CommaSeparated] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+        description="base_model: UNet modules given adapters (default: the attention projections)")
     size: int = Field(64, ge=16, le=1024, description="side of the generated square images (base_model: a size it "
                                                       "was trained at, e.g. 512)")
-    block_out_channels: Annotated[tuple[int, ...], CommaSeparated] = Field((32, 64, 128), min_length=2,
-                                                description="pixel UNet: channels per resolution level")
+    block_out_channels: Annotated[tuple[int, ...], CommaSeparated] = Field(
+        (32, 64, 128), min_length=2, description="pixel UNet: channels per resolution level")
     layers_per_block: int = Field(1, ge=1, description="pixel UNet: ResNet blocks per level")
     norm_groups: int = Field(8, ge=1, description="pixel UNet: GroupNorm groups (divides every channel count)")
     train_timesteps: int = Field(1000, ge=10, description="pixel UNet: DDPM noise levels (base_model: its own "
