@@ -37,6 +37,21 @@ def test_logistic_fit_equals_scikit_learn(class_weight, collinear):
     assert np.abs(parameters[:-1].numpy() - reference.coef_.T).max() < 5e-3
 
 
+def test_probe_fits_embeddings_with_few_live_features_among_zeros():
+    # 23 correlated live features scattered among 1,257 exact zeros, as a collapsed model's 1280-wide embeddings
+    # had: torch.linalg.eigh (LAPACK divide and conquer) failed to converge on these second moments here.
+    live = [242, 316, 323, 329, 345, 525, 531, 629, 689, 723, 772, 795, 849, 860, 967, 977, 1041, 1084, 1156, 1178,
+            1180, 1239, 1241]
+    generator = torch.Generator().manual_seed(0)
+    loadings, factors = torch.randn(4, 23, generator=generator), torch.randn(300, 4, generator=generator)
+    x = np.zeros((300, 1280), np.float32)
+    x[:, live] = (factors @ loadings + 1e-3 * torch.randn(300, 23, generator=generator)).numpy()
+    y = (factors[:, 0] > 0).long().numpy()
+    head = LogisticHead()
+    head.fit(x[:200], y[:200], x[200:], y[200:], 2)
+    assert roc_auc_score(y[200:], head.predict_proba(x[200:])[:, 1]) > 0.95
+
+
 def test_c_is_chosen_on_validation_and_predicts_well():
     x, y = _blobs(1500, d=32, k=4, separation=0.35)
     head = LogisticHead()

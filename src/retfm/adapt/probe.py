@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
 from sklearn.metrics import log_loss
 from sklearn.model_selection import GroupShuffleSplit
@@ -159,12 +160,16 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, sam
 def eigenbasis(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of the (weighted) second-moment matrix of ``x``, and ``x`` rotated into them;
     computed once per head and shared by every C. In float64: with more features than rows (1280-wide CNN
-    embeddings, a few hundred images) most eigenvalues are near zero, where float32 LAPACK can fail to converge."""
+    embeddings, a few hundred images) most eigenvalues are near zero, where float32 LAPACK can fail to converge.
+    By LAPACK's relatively robust representations (``evr``, SciPy): the divide-and-conquer driver that
+    ``torch.linalg.eigh`` uses failed to converge on a model whose embeddings kept 23 live features of 1280 among
+    exact zeros (a collapsed distillation), a matrix that ``evr`` decomposes."""
     moments = ((x * weight[:, None]).T @ x / weight.sum()).double()
     if not torch.isfinite(moments).all():
         raise RetfmError("probe: the embeddings hold values that are not finite numbers (a diverged model?)")
-    eigenvalues, vectors = (t.float() for t in torch.linalg.eigh(moments))
-    return eigenvalues, vectors, x @ vectors
+    eigenvalues, vectors = scipy.linalg.eigh(moments.numpy(), driver="evr")
+    vectors = torch.from_numpy(vectors).float()
+    return torch.from_numpy(eigenvalues).float(), vectors, x @ vectors
 
 
 def _softmax(features: torch.Tensor, parameters: torch.Tensor) -> np.ndarray:
