@@ -1,10 +1,16 @@
 """Does retfm's pretraining give better features than where it started? Side by side, real photographs.
 
-Part ``seeds`` (the done-when): the recipe (``configs/pretrain-fundus-lite0.yaml``: ImageNet Lite0 + retfm token
-reconstruction, the student starting as its own teacher, RETFound-Green's recipe) run once per seed on the
-mexfundus images of the *training patients only* (benchmarks/mexfundus.py: no val or test patient's image is
-seen), each probed for referable DR; every seed against the ImageNet start, and the seeds' mean against it with
-patients and seeds resampled (``compare_repeated``). Written to ``OUT/seeds.json``.
+Part ``select``: a candidate recipe's seed-0 run, probed, scored on the *validation* split only (what every recipe
+choice is made on), beside the ImageNet start's. Written to ``OUT/select-NAME.json`` (NAME: the recipe file's name
+less ``pretrain-``).
+
+Part ``seeds`` (the done-when): the recipe (``--recipe``, by default ``configs/pretrain-fundus-lite0.yaml``:
+ImageNet Lite0 + retfm token reconstruction, the student starting as its own teacher; or
+``configs/pretrain-fundus-lite0-from-lite2.yaml``: the ImageNet Lite0 taught by the ImageNet Lite2) run once per
+seed on the mexfundus images of the *training patients only* (benchmarks/mexfundus.py: no val or test patient's
+image is seen), each probed for referable DR; every seed against the ImageNet start (and against the recipe's own
+teacher, if it has one), and the seeds' mean against each with patients and seeds resampled
+(``compare_repeated``). Written to ``OUT/seeds-NAME.json``.
 
 Part ``models``: every model side by side, each embedded and probed the same way, their pretraining corpus the
 mexfundus training patients plus the RetinaMNIST train split (the ViTs'), and seed 0's fundus model:
@@ -22,7 +28,8 @@ fine-tuning). Reported: test AUROC with its 95% bootstrap CI, and paired bootstr
 patients resampled, both models scored on each resample) for fundus vs its ImageNet start and ImageNet vs random;
 plus the CPU minutes of each pretraining. Every choice of the recipe was made on the validation split.
 
-    python benchmarks/pretraining_value.py [--parts seeds,models] [--seeds 0,1,2,3,4] [--vit-steps 300]
+    python benchmarks/pretraining_value.py [--parts select|seeds|models] [--recipe CONFIG] [--seeds 0,1,2,3,4]
+                                           [--vit-steps 300]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import time
 from pathlib import Path
 
 import mexfundus
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.embeddings import read_embeddings
@@ -110,28 +118,54 @@ def auroc(folder: Path) -> dict:
     return {"auroc": round(metric["value"], 4), "ci": [round(v, 4) for v in metric["ci"]]}
 
 
+def recipe_name(recipe: Path) -> str:
+    """The runs' name stem: the config file's name less ``pretrain-`` (``fundus-lite0`` for the default recipe)."""
+    return recipe.stem.removeprefix("pretrain-")
+
+
+def selection(work: Path, mex: Path, recipe: Path) -> dict:
+    """A candidate recipe's seed-0 run against the ImageNet start on the *validation* split only: what a recipe is
+    chosen on. Reads no test prediction."""
+    name = f"{recipe_name(recipe)}-seed0"
+    minutes = pretrain(work / name, "--config", str(recipe), "--data", str(mex), "--seed", "0")
+    probe(work, mex, "referable_dr", "imagenet-lite0", ["--model", "efficientnet-lite0"])
+    probe(work, mex, "referable_dr", name, ["--model", str(work / name / "model.safetensors")])
+    return {"recipe": str(recipe), "pretrain_cpu_minutes": minutes,
+            "val AUROC": validation_auroc(embeddings(work, mex, name), "referable_dr"),
+            "imagenet-lite0 val AUROC": validation_auroc(embeddings(work, mex, "imagenet-lite0"), "referable_dr")}
+
+
 def seed_study(work: Path, mex: Path, seeds: list[int], recipe: Path) -> dict:
     """The recipe run once per seed on the mexfundus training patients, each probed; the seeds' mean test AUROC
-    against the ImageNet start's, patients and seeds resampled (``compare_repeated``). Written down before any
-    of these runs: the recipe is the one in ``recipe``, chosen on validation; every seed run is reported."""
-    start = ["--model", "efficientnet-lite0"]
-    imagenet = probe(work, mex, "referable_dr", "imagenet-lite0", start)
+    against the ImageNet start's, patients and seeds resampled (``compare_repeated``). A recipe with a teacher of
+    its own (another ImageNet model) is also compared with that teacher, probed at its own input size. Written
+    down before any of these runs: the recipe is the one in ``recipe``, chosen on validation; every seed run is
+    reported."""
+    references = {"imagenet-lite0": probe(work, mex, "referable_dr", "imagenet-lite0",
+                                          ["--model", "efficientnet-lite0"])}
+    teacher = yaml.safe_load(recipe.read_text()).get("teacher")
+    if teacher:
+        name = f"imagenet-{teacher.removeprefix('efficientnet-')}"
+        references[name] = probe(work, mex, "referable_dr", name, ["--model", teacher])
     runs = {}
     for seed in seeds:
-        name = f"fundus-lite0-seed{seed}"
+        name = f"{recipe_name(recipe)}-seed{seed}"
         minutes = pretrain(work / name, "--config", str(recipe), "--data", str(mex), "--seed", str(seed))
         folder = probe(work, mex, "referable_dr", name, ["--model", str(work / name / "model.safetensors")])
-        compared = compare_predictions(folder / "predictions.parquet", imagenet / "predictions.parquet",
-                                       "referable_dr", n_boot=2000)
         runs[name] = {"seed": seed, "pretrain_cpu_minutes": minutes,
                       "val AUROC": validation_auroc(embeddings(work, mex, name), "referable_dr"),
-                      "test": auroc(folder), "vs imagenet-lite0": _rounded(compared)}
+                      "test": auroc(folder)}
+        for reference, other in references.items():
+            runs[name][f"vs {reference}"] = _rounded(compare_predictions(
+                folder / "predictions.parquet", other / "predictions.parquet", "referable_dr", n_boot=2000))
         print(name, runs[name], flush=True)
-    mean = compare_repeated([work / f"probe-{mex.name}-{name}" / "predictions.parquet" for name in runs],
-                            [imagenet / "predictions.parquet"], "referable_dr", n_boot=2000)
-    return {"imagenet-lite0": {"val AUROC": validation_auroc(embeddings(work, mex, "imagenet-lite0"),
-                                                             "referable_dr"), "test": auroc(imagenet)},
-            "runs": runs, "mean of seeds vs imagenet-lite0": _rounded(mean)}
+    result = {reference: {"val AUROC": validation_auroc(embeddings(work, mex, reference), "referable_dr"),
+                          "test": auroc(folder)} for reference, folder in references.items()}
+    for reference, folder in references.items():
+        mean = compare_repeated([work / f"probe-{mex.name}-{name}" / "predictions.parquet" for name in runs],
+                                [folder / "predictions.parquet"], "referable_dr", n_boot=2000)
+        result[f"mean of seeds vs {reference}"] = _rounded(mean)
+    return {**result, "runs": runs}
 
 
 def _rounded(result: dict) -> dict:
@@ -147,16 +181,21 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the recipe's repeated runs (part seeds)")
     parser.add_argument("--parts", default="seeds,models",
-                        help="seeds: the recipe once per seed against its ImageNet start (the done-when); models: "
+                        help="select: the recipe's seed-0 run on the validation split only (what recipes are chosen "
+                             "on); seeds: the recipe once per seed against its ImageNet start (the done-when); models: "
                              "every model and downstream task side by side (fundus-lite0 is seed 0's run)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     mex = mexfundus.prepare(work / "mexfundus", args.mexfundus)
+    if "select" in parts:
+        chosen_on = selection(work, mex, args.recipe)
+        (work / f"select-{recipe_name(args.recipe)}.json").write_text(json.dumps(chosen_on, indent=2) + "\n")
+        print(json.dumps(chosen_on, indent=2))
     if "seeds" in parts:
         study = seed_study(work, mex, [int(s) for s in args.seeds.split(",")], args.recipe)
-        (work / "seeds.json").write_text(json.dumps(study, indent=2) + "\n")
+        (work / f"seeds-{recipe_name(args.recipe)}.json").write_text(json.dumps(study, indent=2) + "\n")
         print(json.dumps(study, indent=2))
     if "models" in parts:
         results = model_table(work, mex, args)

@@ -4,6 +4,7 @@ outside the position embedding (``tiny-vit-reg``)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -293,6 +294,13 @@ def test_distillation_across_architectures_resamples_the_teachers_grid_and_learn
     before, after = train(objective, _cnn_images())
     assert after < 0.5 * before, (before, after)
     assert all(not buffer.requires_grad for buffer in objective.teacher.buffers())
+
+
+def test_a_teacher_of_the_same_width_but_other_weights_gets_a_plain_projector():
+    torch.manual_seed(0)
+    student, teacher = create("cnn-demo", weights="random"), create("cnn-demo", weights="random")
+    assert not TokenReconstruction(student, teacher=teacher).residual  # mapped to another network's features
+    assert TokenReconstruction(student, teacher=copy.deepcopy(student)).residual  # the student starts as it
 
 
 def test_a_teacher_with_other_statistics_gets_the_images_renormalised():

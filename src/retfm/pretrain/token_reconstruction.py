@@ -17,8 +17,10 @@ Two layouts:
   above. A CNN student, which has no tokens, has square image patches of side ``mask_patch`` (default: its output
   stride, so one hidden patch is one cell of its feature grid) replaced by a learned colour (``mask_token``, three
   values in normalised pixel space, starting at 0: the dataset mean). The projector is residual when the widths
-  agree (a student that starts as its teacher starts at a loss near zero) and a plain MLP to the teacher's width
-  otherwise; the loss covers every cell of the grid.
+  agree and the student starts as its teacher (the same tensors: it starts at a loss near zero), and a plain MLP to
+  the teacher's width otherwise (another network's features are mapped, not copied: with a residual projector an
+  ImageNet Lite0 taught by the ImageNet Lite2 was pushed to become Lite2 and kept 23 live features of 1280); the
+  loss covers every cell of the grid.
 
 Defaults follow the authors' training notebook (``Training_and_eval_code/TokenReconstructionPretraining.ipynb`` in
 github.com/justinengelmann/RETFound_Green, read for this module): a masking ratio drawn per image from U(0, 1/3);
@@ -97,7 +99,7 @@ class TokenReconstruction(nn.Module):
         else:
             self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))
             self.mask_patch = mask_patch or _stride(student)
-        self.residual = width == target_width
+        self.residual = width == target_width and _same_tensors(student, teacher)  # the student starts as it
         if self.residual:
             self.projector = nn.Sequential(nn.LayerNorm(width), Mlp(width, projector_hidden or width),
                                            LayerScale(width, init_values=layerscale_init))
@@ -204,6 +206,13 @@ def _resampled(grid: Tensor, size: torch.Size) -> Tensor:
     if grid.shape[-2] >= size[0] and grid.shape[-1] >= size[1]:
         return F.adaptive_avg_pool2d(grid, size)
     return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _same_tensors(model: nn.Module, other: nn.Module) -> bool:
+    """Whether two models hold the same tensors under the same names (a student that starts as its teacher)."""
+    mine, theirs = model.state_dict(), other.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
