@@ -6,8 +6,9 @@ DR go to sites a-d with shares 0.35 / 0.30 / 0.20 / 0.15 and patients without it
 (so referable DR is common at site a and rare at site d); the ungraded patients (the DME acquisition batch, train
 only: pretraining images, never probed) are dealt evenly.
 
-Pretraining, every one with retfm's fundus-Lite0 recipe (``configs/pretrain-fundus-lite0.yaml``: token
-reconstruction, the ImageNet EfficientNet-Lite0 as its own teacher, 224 px, batch 32, bf16):
+Pretraining, every one with one of retfm's fundus-Lite0 recipes (``--recipe``; by default
+``configs/pretrain-fundus-lite0.yaml``: token reconstruction, the ImageNet EfficientNet-Lite0 as its own teacher,
+224 px, batch 32, bf16; or ``configs/pretrain-fundus-lite0-from-lite2.yaml``: the ImageNet Lite2 as the teacher):
 
 - ``fedavg`` / ``fedmedian``: ``retfm federated run`` (Flower simulation), ``rounds`` x ``local_steps`` at each
   site; FedAvg and the robust coordinate-wise median;
@@ -21,7 +22,8 @@ never saw. Then the classifier itself: ``retfm federated run`` with ``task: fine
 ImageNet start, FedAvg) against each site fine-tuning alone for the same rounds and steps (the same local
 function, one site). 95% CIs and paired bootstrap differences (patients resampled) from ``retfm.evaluate``.
 
-    python benchmarks/federated_value.py [--out benchmarks/_work/federated_value] [--parts pretrain,finetune,robust]
+    python benchmarks/federated_value.py [--out benchmarks/_work/federated_value] [--recipe CONFIG]
+                                         [--parts pretrain,finetune,robust]
 
 Every stage is cached in ``--out`` (a rerun continues); results go to ``OUT/results.json``.
 """
@@ -105,10 +107,10 @@ def prepare(out: Path, source: Path) -> Path:
     return out
 
 
-def recipe(site_steps: int) -> dict:
+def recipe(path: Path, site_steps: int) -> dict:
     """The pretraining recipe's options a site runs (steps and checkpoint cadence are the federation's; the
     warmup is a single site's of as many steps)."""
-    options = yaml.safe_load(RECIPE.read_text())
+    options = yaml.safe_load(path.read_text())
     # workers 0: a simulated site decodes in its own Ray worker (a decoding process per site would double memory)
     return {**{k: v for k, v in options.items() if k not in ("steps", "checkpoint_every", "log_every")},
             "warmup_steps": warmup(site_steps), "workers": 0}
@@ -127,11 +129,11 @@ def federate(out: Path, config: dict) -> float:
     return retfm("federated", "run", str(path), "--out", str(out))
 
 
-def pretrain(out: Path, cohort: Path, steps: int, site: str | None = None) -> float:
+def pretrain(out: Path, cohort: Path, recipe_file: Path, steps: int, site: str | None = None) -> float:
     if (out / "model.safetensors").exists():
         return 0.0
     sites = ["--set", f"sites=[{site}]"] if site else []
-    return retfm("pretrain", "--config", str(RECIPE), "--data", str(cohort), "--steps", str(steps),
+    return retfm("pretrain", "--config", str(recipe_file), "--data", str(cohort), "--steps", str(steps),
                  "--set", f"warmup_steps={warmup(steps)}", "--set", f"checkpoint_every={steps}",
                  *sites, "--out", str(out))
 
@@ -210,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mexfundus", type=Path, default=mexfundus.DEFAULT_SOURCE)
     parser.add_argument("--out", type=Path, default=HERE / "_work" / "federated_value")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the pretraining recipe every model runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=12)
     parser.add_argument("--finetune-rounds", type=int, default=5)
@@ -225,21 +228,21 @@ def main() -> None:
     site_steps = args.rounds * args.local_steps
     seconds = {}
     others = {s: [o for o in SITES if o != s] for s in SITES}
-    results: dict = {"settings": {"rounds": args.rounds, "local_steps": args.local_steps,
+    results: dict = {"settings": {"recipe": args.recipe.name, "rounds": args.rounds, "local_steps": args.local_steps,
                                   "finetune_rounds": args.finetune_rounds, "finetune_steps": args.finetune_steps,
                                   "shares": {str(k): v for k, v in SHARES.items()}},
                      "sites": site_counts(cohort), "pretraining_seconds": seconds}
 
     def federated_pretraining(strategy: str) -> None:
         seconds[strategy] = federate(work / strategy, {
-            "data": str(cohort), "task": "pretrain", "pretrain": recipe(site_steps), "rounds": args.rounds,
+            "data": str(cohort), "task": "pretrain", "pretrain": recipe(args.recipe, site_steps), "rounds": args.rounds,
             "local_steps": args.local_steps, "strategy": strategy})
 
     if "pretrain" in parts:  # the done-when comparisons
         federated_pretraining("fedavg")
-        seconds["pooled"] = pretrain(work / "pooled", cohort, site_steps * len(SITES))
+        seconds["pooled"] = pretrain(work / "pooled", cohort, args.recipe, site_steps * len(SITES))
         for site in SITES:
-            seconds[f"local {site}"] = pretrain(work / f"local-{site}", cohort, site_steps, site)
+            seconds[f"local {site}"] = pretrain(work / f"local-{site}", cohort, args.recipe, site_steps, site)
         models = {"random": ["--model", "efficientnet-lite0", "--weights", "random"],
                   "imagenet": ["--model", "efficientnet-lite0"],
                   **{name: ["--model", str(work / name.replace(" ", "-") / "model.safetensors")]
