@@ -136,7 +136,8 @@ def throughput(args) -> dict:
                               **({} if model_spec.pooling == "conv_avg" else {"img_size": model_spec.input_size}))
     plain.load_state_dict(ours.state_dict())
     plain.eval()
-    variants = ["loop"] + [f"{e} {p or 'default'}" for e, p in VARIANTS]
+    variants = ["loop"] + [v for v in (f"{e} {p or 'default'}" for e, p in VARIANTS)
+                           if not args.variants or v in args.variants.split(",")]
     seconds = {v: [] for v in variants}
     features, engines, loads = {}, {}, []
     for round_index in range(args.rounds):
@@ -153,7 +154,7 @@ def throughput(args) -> dict:
                 WORK / f"{args.model}-{engine}-{precision}.parquet")
             seconds[variant].append(took)
             print(f"round {round_index + 1} {variant}: {took:.1f} s", file=sys.stderr, flush=True)
-    reference = features["torch fp32"]
+    reference = features.get("torch fp32", features["loop"])  # the loop's resize differs slightly
     rows = {}
     for variant in variants:
         ratios = [loop / mine for loop, mine in zip(seconds["loop"], seconds[variant])]  # paired, round by round
@@ -165,7 +166,7 @@ def throughput(args) -> dict:
             "vs_retfm_torch_fp32": cosines(features[variant], reference),
             "engine": None if variant == "loop" else {k: engines[variant][k] for k in ("engine", "precision")},
         }
-    for variant in ("auto default", "auto fp32"):
+    for variant in {"auto default", "auto fp32"} & set(rows):
         rows[variant]["chosen_from"] = engines[variant]["fidelity"].get("tried")
     return {"model": args.model, "input_px": model_spec.input_size, "images": len(files),
             "photograph_px": Image.open(files[0]).size[0], "rounds": args.rounds,
@@ -216,6 +217,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=2, help="0: no throughput part")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--variants", default=None,
+                        help="comma list of the variants to time beside the loop, e.g. 'onnxruntime fp32,auto "
+                             "default' (default: all; fidelity is against 'torch fp32' when timed, else the loop)")
     parser.add_argument("--probe", action="store_true", help="also the int8 probe AUROC change on mexfundus")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, and so every engine's (default: torch's own)")

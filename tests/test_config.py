@@ -1,7 +1,8 @@
+from pathlib import Path
+
 import pytest
 
 from retfm.config import load_config, save_config
-
 from retfm.data.config import IngestConfig
 from retfm.errors import RetfmError
 
@@ -35,3 +36,18 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     path.write_text("size: [1, 2\n")
     with pytest.raises(RetfmError, match="bad.yaml: cannot read config"):
         load_config(IngestConfig, path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    from retfm.adapt.config import StudyConfig
+    from retfm.federated.config import FederatedConfig
+    from retfm.pretrain.config import PretrainConfig
+
+    model = {"pretrain": PretrainConfig, "federated": FederatedConfig, "study": StudyConfig}[path.name.split("-")[0]]
+    data = ["data/site1"] if model is PretrainConfig else "data/site1"  # a recipe leaves the data to its command line
+    config = load_config(model, path, {"data": data})
+    if model is PretrainConfig and config.teacher:  # a teacher named in a recipe is a registry model
+        from retfm.models import spec
+
+        assert spec(config.teacher).package_file
