@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 import torch
@@ -601,6 +602,19 @@ def manifest_files(tmp_path_factory):
     Manifest(table, root).write(root / "manifest.parquet")
     table.to_csv(root / "manifest.csv", index=False)
     return {suffix: (root / f"manifest{suffix}").read_bytes() for suffix in (".parquet", ".csv")}
+
+
+def test_a_manifest_with_damaged_pandas_metadata_fails_in_one_line(manifest_files, tmp_path):
+    # found by the fuzzer below: one byte of the pandas metadata changed, pyarrow raised a KeyError
+    source, path = tmp_path / "source.parquet", tmp_path / "manifest.parquet"
+    source.write_bytes(manifest_files[".parquet"])
+    table = pq.read_table(source)
+    pandas = json.loads(table.schema.metadata[b"pandas"])
+    del pandas["columns"][0]["numpy_type"]
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"pandas": json.dumps(pandas)}), path)
+    with pytest.raises(RetfmError, match="damaged pandas metadata") as caught:
+        Manifest.read(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

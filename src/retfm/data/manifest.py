@@ -69,7 +69,10 @@ class Manifest:
                 parquet = pq.read_table(path)
                 raw = parquet.schema.metadata or {}
                 metadata = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"retfm.")}
-                table = parquet.to_pandas()
+                try:
+                    table = parquet.to_pandas()
+                except (KeyError, TypeError) as exc:  # pyarrow reading a damaged pandas-metadata entry
+                    raise ValueError(f"damaged pandas metadata: {exc.__class__.__name__} {exc}") from None
             manifest = cls(_normalise_types(table), path.parent, metadata)
             if validate:
                 manifest.validate(source=path)
