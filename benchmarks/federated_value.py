@@ -18,7 +18,8 @@ Pretraining, every one with one of retfm's fundus-Lite0 recipes (``--recipe``; b
 
 Downstream, referable DR: one logistic probe per model (``retfm probe``: fitted on every site's training
 patients, C chosen on validation), scored on the test patients overall, per site and on the sites a local model
-never saw. Then the classifier itself: ``retfm federated run`` with ``task: finetune`` (full fine-tuning from the
+never saw; and its validation AUROC (``validation``: the head fitted on train, scored on val), what designs are
+chosen on. Then the classifier itself: ``retfm federated run`` with ``task: finetune`` (full fine-tuning from the
 ImageNet start, FedAvg) against each site fine-tuning alone for the same rounds and steps (the same local
 function, one site). 95% CIs and paired bootstrap differences (patients resampled) from ``retfm.evaluate``.
 
@@ -42,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from pretraining_value import validation_auroc
 from sklearn.metrics import roc_auc_score
 
 from retfm.adapt.finetune import predict
@@ -120,27 +122,38 @@ def warmup(steps: int) -> int:
     return max(1, steps // 15)
 
 
-def federate(out: Path, config: dict) -> float:
+def once(out: Path, *args: str) -> float | None:
+    """Run a pretraining command unless ``out`` already holds its model; its wall-clock seconds, kept in
+    ``out/seconds.txt`` so that a rerun from the cache reports them too (None if they were never recorded)."""
+    record = out / "seconds.txt"
     if (out / "model.safetensors").exists():
-        return 0.0
+        return float(record.read_text()) if record.exists() else None
+    seconds = retfm(*args)
+    record.write_text(f"{seconds}\n")
+    return seconds
+
+
+def federate(out: Path, config: dict) -> float | None:
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return retfm("federated", "run", str(path), "--out", str(out))
+    return once(out, "federated", "run", str(path), "--out", str(out))
 
 
-def pretrain(out: Path, cohort: Path, recipe_file: Path, steps: int, site: str | None = None) -> float:
-    if (out / "model.safetensors").exists():
-        return 0.0
+def pretrain(out: Path, cohort: Path, recipe_file: Path, steps: int, site: str | None = None) -> float | None:
     sites = ["--set", f"sites=[{site}]"] if site else []
-    return retfm("pretrain", "--config", str(recipe_file), "--data", str(cohort), "--steps", str(steps),
-                 "--set", f"warmup_steps={warmup(steps)}", "--set", f"checkpoint_every={steps}",
-                 *sites, "--out", str(out))
+    return once(out, "pretrain", "--config", str(recipe_file), "--data", str(cohort), "--steps", str(steps),
+                "--set", f"warmup_steps={warmup(steps)}", "--set", f"checkpoint_every={steps}",
+                *sites, "--out", str(out))
+
+
+def embedded(work: Path, name: str) -> Path:
+    return work / "embeddings" / f"{name.replace(' ', '-')}.parquet"
 
 
 def probe(work: Path, cohort: Path, name: str, model: list[str]) -> Path:
     folder = work / "probes" / name.replace(" ", "-")
-    embeddings = work / "embeddings" / f"{name.replace(' ', '-')}.parquet"
+    embeddings = embedded(work, name)
     if not (folder / "predictions.parquet").exists():
         # PyTorch eager for every model alike (the first embeddings were made before the engines existed)
         retfm("embed", "--data", str(cohort), *model, "--out", str(embeddings), "--batch-size", "32",
@@ -249,6 +262,7 @@ def main() -> None:
                      for name in ("fedavg", "pooled", *(f"local {s}" for s in SITES))}}
         probes = {name: probe(work, cohort, name, model) for name, model in models.items()}
         results["probe"] = {name: aurocs(path) for name, path in probes.items()}
+        results["validation"] = {name: validation_auroc(embedded(work, name), LABEL) for name in probes}
         results["probe_pairs"] = {
             "fedavg - pooled": compare(probes["fedavg"], probes["pooled"]),
             "fedavg - imagenet": compare(probes["fedavg"], probes["imagenet"]),
@@ -268,6 +282,7 @@ def main() -> None:
         federated_pretraining("fedmedian")
         robust = probe(work, cohort, "fedmedian", ["--model", str(work / "fedmedian" / "model.safetensors")])
         results.setdefault("probe", {})["fedmedian"] = aurocs(robust)
+        results.setdefault("validation", {})["fedmedian"] = validation_auroc(embedded(work, "fedmedian"), LABEL)
         results.setdefault("probe_pairs", {})["fedmedian - pooled"] = compare(
             robust, work / "probes" / "pooled" / "predictions.parquet")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
