@@ -6,7 +6,9 @@ An :class:`Engine` runs one frozen network (images B x 3 x S x S -> a float32 te
 - ``onnxruntime``: the network exported once to ONNX (``torch.onnx.export``), run by ONNX Runtime, fp32;
 - ``openvino``: the same ONNX file read by OpenVINO and compiled for this CPU with ``INFERENCE_PRECISION_HINT``
   f32 or bf16 (OpenVINO's default on a CPU with bf16 instructions is bf16, so fp32 is asked for explicitly), or
-  quantised to int8 by NNCF's post-training quantisation on the caller's calibration images.
+  quantised to int8 by NNCF's post-training quantisation on the caller's calibration images, with accuracy
+  control: quantised layers go back to f32, the most harmful first, until the int8 features' centred cosine
+  against eager fp32 on those images is within :data:`INT8_MAX_DROP` of 1.
 
 :func:`select` builds the engines asked for and measures each on a calibration batch of the caller's own
 images: features against PyTorch eager fp32 (cosine, and cosine after subtracting the mean feature, which shows
@@ -55,6 +57,10 @@ CALIBRATION_IMAGES = 16
 # the model and measuring the engines would cost more than they can save.
 AUTO_MIN_EAGER_SECONDS = 60.0
 QUANTIZATION_IMAGES = 128
+# int8: NNCF puts quantised layers back to floating point, the most harmful first, until the centred cosine of the
+# int8 features against PyTorch eager fp32 on the quantisation images is within this of 1.
+INT8_MAX_DROP = 0.004
+INT8_RANKING_IMAGES = 32  # the quantisation images on which each layer's harm is ranked
 ONNX_OPSET = 18
 CACHE_ENV = "RETFM_CACHE"
 
@@ -275,8 +281,8 @@ def build(model: nn.Module, name: str, precision: str, identity: str, example: t
         import openvino
 
         core = openvino.Core()
-        hint = {"fp32": {"INFERENCE_PRECISION_HINT": "f32"}, "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
-                "int8": {}}[precision]  # int8: the layers left unquantised run at the CPU's default precision
+        # int8: the layers left unquantised run in f32, as NNCF's accuracy control measured them
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         with _keep_signal_stack():  # NNCF compiles networks too
             network = core.read_model(onnx_file) if precision != "int8" else _quantized(
                 core, onnx_file, identity, model, quantization)
@@ -313,21 +319,55 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def _quantized(core, onnx_file: Path, identity: str, model: nn.Module, images: torch.Tensor):
-    """The network quantised to int8 by NNCF on ``images`` (cached by their hash and the library versions)."""
+    """The network quantised to int8 by NNCF on ``images`` (cached by their hash and the library versions). Where the
+    int8 features' centred cosine against eager fp32 on those images falls short of ``1 - INT8_MAX_DROP``, NNCF's
+    accuracy control puts layers back to f32, the most harmful first, until it holds; its result is kept only if it
+    is closer to fp32 than plain quantisation."""
     import openvino
 
     with _quiet():  # importing NNCF logs that torch found no CUDA
         import nncf
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     digest = hashlib.sha256(_array(images).tobytes()).hexdigest()
-    key = _key(identity, tuple(images.shape[1:]), "openvino-int8", openvino.__version__, nncf.__version__, digest)
+    key = _key(identity, tuple(images.shape[1:]), "openvino-int8", openvino.__version__, nncf.__version__, digest,
+               "accuracy control", INT8_MAX_DROP, INT8_RANKING_IMAGES)
 
     def quantize(path: Path) -> None:
         transformer = any("Attention" in type(m).__name__ for m in model.modules())
         batches = [_array(images[i:i + 1]) for i in range(len(images))]
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            target = torch.cat([model(batch.to(device)).float().cpu() for batch in images.split(16)])
+
+        def centred_cosine(compiled, items) -> tuple[float, list[float]]:
+            """NNCF's metric: the int8 features' centred cosine against eager fp32 (and each image's, to rank by)."""
+            items = list(items)
+            features = torch.cat([torch.from_numpy(compiled(array)[0]) for array, _ in items]).double()
+            wanted = target[[index for _, index in items]].double()
+            mean = wanted.mean(0)
+            per_image = torch.nn.functional.cosine_similarity(features - mean, wanted - mean, dim=1)
+            return fidelity(features, wanted)["centred_cosine"], per_image.tolist()
+
+        steering = nncf.Dataset(list(zip(batches, range(len(batches)))), lambda item: item[0])
+        options = {"subset_size": len(batches), "model_type": nncf.ModelType.TRANSFORMER if transformer else None}
+
+        def score(network) -> float:
+            compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                           "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            return centred_cosine(compiled, steering.get_data())[0]
+
         with _quiet():
-            quantized = nncf.quantize(core.read_model(onnx_file), nncf.Dataset(batches), subset_size=len(batches),
-                                      model_type=nncf.ModelType.TRANSFORMER if transformer else None)
+            quantized = nncf.quantize(core.read_model(onnx_file), nncf.Dataset(batches), **options)
+            plain = score(quantized)
+            if plain < 1 - INT8_MAX_DROP:  # NNCF quantises afresh, then restores layers
+                restored = nncf.quantize_with_accuracy_control(
+                    core.read_model(onnx_file), nncf.Dataset(batches), steering, validation_fn=centred_cosine,
+                    max_drop=INT8_MAX_DROP, drop_type=nncf.DropType.ABSOLUTE, **options,
+                    advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                        ranking_subset_size=min(INT8_RANKING_IMAGES, len(batches))))
+                # where no set of layers reaches the drop NNCF returns its last try, which can be worse than none
+                quantized = restored if score(restored) > plain else quantized
         openvino.save_model(quantized, path, compress_to_fp16=False)
 
     return core.read_model(_cached(key, "model.xml", quantize))
