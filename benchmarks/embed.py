@@ -52,7 +52,7 @@ from retfm.data.manifest import Manifest
 from retfm.models import create, spec
 from retfm.models import engine as engine_module
 from retfm.models.backbones import POOLING_KWARGS
-from retfm.models.engine import cpu_has_bf16
+from retfm.models.engine import cpu_has_bf16, fidelity
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -103,14 +103,10 @@ def eager_loop(files: list[Path], model: torch.nn.Module, model_spec) -> np.ndar
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> dict:
-    def cos(x, y):
-        return np.sum(x * y, 1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    raw, centred = cos(a, b), cos(a - b.mean(0), b - b.mean(0))
-    batch = cos((a - b.mean(0)).reshape(1, -1), (b - b.mean(0)).reshape(1, -1))[0]
-    return {"cosine_mean": round(float(raw.mean()), 6), "cosine_min": round(float(raw.min()), 6),
-            "centred_cosine": round(float(batch), 6), "centred_cosine_mean": round(float(centred.mean()), 6),
-            "centred_cosine_min": round(float(centred.min()), 6)}
+    """retfm's engine check (``fidelity``) of features ``a`` against reference ``b``: raw and centred cosines."""
+    values = fidelity(torch.from_numpy(a), torch.from_numpy(b))
+    return {k: values[k] for k in ("cosine_mean", "cosine_min", "centred_cosine", "centred_cosine_mean",
+                                   "centred_cosine_min")}
 
 
 def run_embed(data: Path, name: str, weights: str | None, engine: str, precision: str | None, batch: int | None,

@@ -245,16 +245,22 @@ def fidelity(features: torch.Tensor, reference: torch.Tensor) -> dict:
     relative error of what tells images apart) and per image (``centred_cosine_min``, noisy for images near the
     mean). ``faithful``: ``cosine_min`` >= :data:`MIN_COSINE` and ``centred_cosine`` >= :data:`MIN_CENTRED_COSINE`."""
     features, reference = features.double(), reference.double()
-    centred_features, centred_reference = features - reference.mean(0), reference - reference.mean(0)
     raw = torch.nn.functional.cosine_similarity(features, reference, dim=1)
-    per_image = torch.nn.functional.cosine_similarity(centred_features, centred_reference, dim=1)
-    batch = torch.nn.functional.cosine_similarity(centred_features.flatten(), centred_reference.flatten(), dim=0)
+    batch, per_image = centred_cosines(features, reference)
     values = {"cosine_min": raw.min(), "cosine_mean": raw.mean(), "centred_cosine": batch,
               "centred_cosine_min": per_image.min(), "centred_cosine_mean": per_image.mean()}
     values = {k: round(float(v), 6) for k, v in values.items()}
     return {"images": len(reference), **values,
             "faithful": values["cosine_min"] >= MIN_COSINE and values["centred_cosine"] >= MIN_CENTRED_COSINE,
             "tolerance": {"cosine_min": MIN_COSINE, "centred_cosine": MIN_CENTRED_COSINE}}
+
+
+def centred_cosines(features: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """After subtracting the reference's mean feature: the cosine over the whole batch, and each image's."""
+    features, reference = features.double(), reference.double()
+    centred_features, centred_reference = features - reference.mean(0), reference - reference.mean(0)
+    batch = torch.nn.functional.cosine_similarity(centred_features.flatten(), centred_reference.flatten(), dim=0)
+    return batch, torch.nn.functional.cosine_similarity(centred_features, centred_reference, dim=1)
 
 
 # ---- building one engine -------------------------------------------------------------------------------------------
@@ -343,11 +349,9 @@ def _quantized(core, onnx_file: Path, identity: str, model: nn.Module, images: t
         def centred_cosine(compiled, items) -> tuple[float, list[float]]:
             """NNCF's metric: the int8 features' centred cosine against eager fp32 (and each image's, to rank by)."""
             items = list(items)
-            features = torch.cat([torch.from_numpy(compiled(array)[0]) for array, _ in items]).double()
-            wanted = target[[index for _, index in items]].double()
-            mean = wanted.mean(0)
-            per_image = torch.nn.functional.cosine_similarity(features - mean, wanted - mean, dim=1)
-            return fidelity(features, wanted)["centred_cosine"], per_image.tolist()
+            features = torch.cat([torch.from_numpy(compiled(array)[0]) for array, _ in items])
+            batch, per_image = centred_cosines(features, target[[index for _, index in items]])
+            return float(batch), per_image.tolist()
 
         steering = nncf.Dataset(list(zip(batches, range(len(batches)))), lambda item: item[0])
         options = {"subset_size": len(batches), "model_type": nncf.ModelType.TRANSFORMER if transformer else None}
